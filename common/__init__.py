@@ -1,0 +1,1 @@
+"""Shared implementation behind the cellseg bundles: I/O, normalization, targets, post-processing, metric."""

@@ -1,0 +1,137 @@
+"""MONAI datalists (JSON) for CellSeg folders: a deterministic train/validation split plus an unlabeled pool.
+
+The file has the layout ``monai.data.load_decathlon_datalist`` reads::
+
+    {"training":   [{"image": "dev/images/a.png", "label": "dev/labels/a_label.tiff"}, ...],
+     "validation": [{"image": ..., "label": ...}, ...],
+     "unlabeled":  [{"image": "pool/images/x.tif"}, ...]}
+
+with POSIX paths relative to a base folder (by default the JSON file's own folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePath
+
+import numpy as np
+
+from common.io import label_path_for, list_images
+
+__all__ = ["build_datalist", "relative_posix", "save_datalist", "split_names"]
+
+
+def relative_posix(path: str | os.PathLike, base_dir: str | os.PathLike) -> str:
+    """``path`` relative to ``base_dir`` with '/' separators (symlinks are not resolved)."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir))
+    return PurePath(relative).as_posix()
+
+
+def split_names(names: Sequence[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split of image names.
+
+    The names are sorted, permuted with ``numpy.random.default_rng(seed)``, and the first
+    ``round(n * val_fraction)`` of the permutation go to validation -- at least one when ``val_fraction > 0``
+    and n >= 2, and never all of them.
+
+    Args:
+        names: distinct image names.
+        val_fraction: share of validation images, 0 <= val_fraction < 1.
+        seed: seed of the permutation.
+
+    Returns:
+        (training names, validation names), each sorted.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ordered = sorted(names)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError("image names must be distinct")
+    count = len(ordered)
+    n_val = int(round(count * val_fraction))
+    if val_fraction > 0 and count >= 2:
+        n_val = min(max(n_val, 1), count - 1)
+    else:
+        n_val = 0
+    permutation = np.random.default_rng(seed).permutation(count)
+    validation = {ordered[i] for i in permutation[:n_val]}
+    return [n for n in ordered if n not in validation], [n for n in ordered if n in validation]
+
+
+def _labeled_pairs(labeled_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """name -> (image, label) for a folder with images/ and labels/; errors on images without a label."""
+    label_dir = labeled_dir / "labels"
+    if not label_dir.is_dir():
+        raise FileNotFoundError(f"labeled folder {labeled_dir} has no labels/ subfolder")
+    pairs: dict[str, tuple[Path, Path]] = {}
+    missing = []
+    for image in list_images(labeled_dir):
+        if image.stem in pairs:
+            raise ValueError(
+                f"images {pairs[image.stem][0]} and {image} share the name {image.stem!r} (one label each)"
+            )
+        label = label_path_for(image, label_dir)
+        if not label.is_file():
+            missing.append(f"{image} (expected {label})")
+        pairs[image.stem] = (image, label)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) without a label: " + "; ".join(missing))
+    if not pairs:
+        raise ValueError(f"labeled folder {labeled_dir} holds no images")
+    used = {label.name for _, label in pairs.values()}
+    for orphan in sorted(p.name for p in label_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if orphan not in used:
+            warnings.warn(f"label {label_dir / orphan} has no image in {labeled_dir}; it is left out", stacklevel=3)
+    return pairs
+
+
+def build_datalist(
+    labeled_dir: str | os.PathLike,
+    base_dir: str | os.PathLike,
+    unlabeled_dirs: Iterable[str | os.PathLike] = (),
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, list[dict[str, str]]]:
+    """Datalist of a labeled CellSeg folder (split by :func:`split_names`) and unlabeled image folders.
+
+    Args:
+        labeled_dir: folder with ``images/<name>.<ext>`` and ``labels/<name>_label.tiff``.
+        base_dir: folder the paths are written relative to.
+        unlabeled_dirs: image folders (their ``images/`` subfolder when present), in the order given.
+        val_fraction, seed: see :func:`split_names`.
+
+    Returns:
+        {"training": [{"image", "label"}], "validation": [{"image", "label"}], "unlabeled": [{"image"}]}.
+
+    Raises:
+        FileNotFoundError: a missing folder, or images without a label (all named).
+        ValueError: no labeled images, or two images with the same name.
+    """
+    if isinstance(unlabeled_dirs, (str, os.PathLike)):
+        unlabeled_dirs = [unlabeled_dirs]
+    pairs = _labeled_pairs(Path(labeled_dir))
+    training, validation = split_names(list(pairs), val_fraction, seed)
+
+    def entry(name: str) -> dict[str, str]:
+        image, label = pairs[name]
+        return {"image": relative_posix(image, base_dir), "label": relative_posix(label, base_dir)}
+
+    unlabeled = [
+        {"image": relative_posix(image, base_dir)} for folder in unlabeled_dirs for image in list_images(folder)
+    ]
+    return {
+        "training": [entry(name) for name in training],
+        "validation": [entry(name) for name in validation],
+        "unlabeled": unlabeled,
+    }
+
+
+def save_datalist(datalist: dict, output: str | os.PathLike) -> Path:
+    """Write a datalist as indented JSON (byte-identical for identical input); parent folders are created."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(datalist, indent=2) + "\n", encoding="utf-8")
+    return output

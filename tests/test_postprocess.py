@@ -1,0 +1,165 @@
+"""Post-processing on generated maps with known answers."""
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from scipy import ndimage as ndi
+
+from common.postprocess import (
+    DistanceWatershedd,
+    InteriorComponentsd,
+    MT2Watershedd,
+    distance_watershed,
+    interior_components,
+    mt2_watershed,
+)
+
+
+def disc(shape, centre, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def two_touching_discs(shape=(80, 120)):
+    """Two discs of radius 20 whose centres are 36 px apart, so they overlap in a lens; the lens goes to the
+    left one. Returns the (H, W) int32 label."""
+    left, right = disc(shape, (40, 40), 20), disc(shape, (40, 76), 20)
+    label = np.zeros(shape, np.int32)
+    label[right] = 2
+    label[left] = 1
+    return label
+
+
+def iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_mt2_watershed_separates_touching_cells_along_the_boundary_ridge():
+    label = two_touching_discs()
+    cell = (label > 0).astype(np.float32)
+    # the boundary heat-map is high on the contact line between the two cells
+    contact = ndi.binary_dilation(label == 1) & (label == 2)
+    boundary = ndi.binary_dilation(contact, iterations=2).astype(np.float32)
+    result = mt2_watershed(cell, boundary)
+    assert result.dtype == np.int32
+    assert sorted(np.unique(result)) == [0, 1, 2]
+    for instance in (1, 2):
+        best = max(iou(result == k, label == instance) for k in (1, 2))
+        assert best > 0.85
+
+
+def test_mt2_watershed_drops_small_seeds_and_unseeded_foreground():
+    shape = (64, 64)
+    energy_cell = np.zeros(shape, np.float32)
+    big = disc(shape, (20, 20), 8)  # ~200 px seed
+    tiny = disc(shape, (48, 48), 3)  # ~29 px seed, below S_min = 64
+    energy_cell[big] = 1.0
+    energy_cell[tiny] = 1.0
+    unseeded = np.zeros(shape, bool)
+    unseeded[50:60, 5:20] = True  # foreground (0.5 > T_cell) that never reaches T_seed
+    energy_cell[unseeded] = 0.5
+    result = mt2_watershed(energy_cell, np.zeros(shape, np.float32))
+    assert result.max() == 1
+    assert np.array_equal(result == 1, big)
+    assert not result[tiny].any() and not result[unseeded].any()
+    # the same tiny seed survives once S_min is lowered
+    assert mt2_watershed(energy_cell, np.zeros(shape, np.float32), min_seed_size=10).max() == 2
+
+
+def test_mt2_watershed_thresholds_are_parameters():
+    cell = np.full((32, 32), 0.7, np.float32)
+    assert mt2_watershed(cell, np.zeros_like(cell)).max() == 0  # 0.7 < T_seed 0.8
+    assert mt2_watershed(cell, np.zeros_like(cell), seed_threshold=0.6).max() == 1
+
+
+def test_interior_components_fills_small_holes_drops_small_objects_and_is_8_connected():
+    shape = (64, 64)
+    prob = np.zeros(shape, np.float32)
+    body = disc(shape, (20, 20), 10)
+    prob[body] = 0.9
+    prob[19:22, 19:22] = 0.1  # a 9 px hole inside the body
+    prob[50:53, 50:53] = 0.9  # a 9 px speck: removed
+    prob[40, 10] = prob[41, 11] = prob[42, 12] = prob[43, 13] = 0.9  # a diagonal line ...
+    prob[44:48, 14:18] = 0.9  # ... touching a 16 px block: one 8-connected object of 20 px
+    result = interior_components(prob)
+    assert result.dtype == np.int32 and result.max() == 2
+    assert np.array_equal(result == result[20, 20], body)  # hole filled
+    assert not result[50:53, 50:53].any()
+    diagonal_id = result[40, 10]
+    assert diagonal_id and result[45, 15] == diagonal_id and (result == diagonal_id).sum() == 20
+
+
+def test_interior_components_expand_grows_into_background_without_merging():
+    prob = np.zeros((40, 60), np.float32)
+    prob[10:30, 10:28] = 0.9
+    prob[10:30, 31:50] = 0.9  # 3 px gap
+    plain = interior_components(prob)
+    grown = interior_components(prob, expand_px=2)
+    assert plain.max() == grown.max() == 2
+    assert (grown > 0).sum() > (plain > 0).sum()
+    assert np.all(grown[plain > 0] == plain[plain > 0])
+    assert {grown[20, 28], grown[20, 30]} == {1, 2}  # the gap is shared, not merged
+
+
+def normalized_distance(mask):
+    distance = ndi.distance_transform_edt(mask)
+    return distance / distance.max()
+
+
+def test_distance_watershed_splits_touching_cells():
+    label = two_touching_discs()
+    cell = np.zeros(label.shape, np.float32)
+    for instance in (1, 2):
+        cell[label == instance] = normalized_distance(label == instance)[label == instance]
+    neighbor = np.zeros(label.shape, np.float32)
+    contact = ndi.binary_dilation(label == 1, iterations=3) & ndi.binary_dilation(label == 2, iterations=3)
+    neighbor[ndi.binary_dilation(contact, iterations=3)] = 1.0
+    result = distance_watershed(cell, neighbor)
+    assert result.max() == 2
+    for instance in (1, 2):
+        # the outermost ring (distance 1 of a max ~18, below the 0.09 mask threshold) is not foreground
+        assert max(iou(result == k, label == instance) for k in (1, 2)) > 0.85
+
+
+def test_distance_watershed_without_seeds_is_empty():
+    cell = np.full((16, 16), 0.3, np.float32)
+    result = distance_watershed(cell, np.zeros_like(cell))
+    assert result.shape == (16, 16) and result.max() == 0
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        mt2_watershed(np.zeros((4, 4)), np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="shape"):
+        distance_watershed(np.zeros((4, 4)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="2-D"):
+        interior_components(np.zeros((2, 4, 4)))
+
+
+def test_dictionary_wrappers_read_channels_and_keep_metadata():
+    label = two_touching_discs()
+    logits = torch.full((5, *label.shape), -10.0)
+    logits[3][torch.from_numpy(label > 0)] = 10.0  # cell logit
+    logits[1][torch.from_numpy(label > 0)] = 10.0  # interior logit
+    logits[0][torch.from_numpy(label == 0)] = 10.0
+    prediction = MetaTensor(logits, meta={"filename_or_obj": "x.png"})
+
+    mt2 = MT2Watershedd(keys="pred", sigmoid=True, output_key="instances")({"pred": prediction})
+    assert mt2["instances"].shape == (1, *label.shape) and mt2["instances"].dtype == torch.int32
+    assert mt2["instances"].meta["filename_or_obj"] == "x.png"
+    assert mt2["instances"].max() == 1  # no boundary signal: the two cells stay one object
+
+    interior = InteriorComponentsd(keys="pred", softmax=True)({"pred": prediction})
+    assert interior["pred"].max() == 1 and interior["pred"].shape == (1, *label.shape)
+
+    cell = np.zeros(label.shape, np.float32)
+    for instance in (1, 2):
+        cell[label == instance] = normalized_distance(label == instance)[label == instance]
+    maps = np.zeros((5, *label.shape), np.float32)
+    maps[3] = cell
+    distance = DistanceWatershedd(keys="pred")({"pred": maps})
+    assert distance["pred"].max() == 2
+
+    with pytest.raises(ValueError, match="C, H, W"):
+        DistanceWatershedd(keys="pred")({"pred": np.zeros((8, 8))})

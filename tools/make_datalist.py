@@ -1,0 +1,65 @@
+"""Write a MONAI datalist JSON for a labeled CellSeg folder and optional unlabeled image folders.
+
+Example::
+
+    python tools/make_datalist.py --labeled_dir ../shared/data/cellseg-dev \
+        --unlabeled_dirs "[../shared/data/cellseg-unlabeled]" --output data/datalist.json --val_fraction 0.2 --seed 0
+
+Paths in the file are relative to ``--base_dir`` (default: the output file's folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fire
+
+from common.datalist import build_datalist, save_datalist
+
+
+def _folder_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Folders from fire's value: None, one path, a list, or the text "[D1,D2]" that fire leaves unparsed
+    when the paths are not Python literals (e.g. contain '/' or '-')."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(item) for item in value]
+    text = str(value).strip()
+    if text[:1] in "[(" and text[-1:] in "])":
+        return [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
+    return [text]
+
+
+def main(
+    labeled_dir: str,
+    output: str,
+    unlabeled_dirs: str | list[str] | tuple[str, ...] | None = None,
+    base_dir: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> None:
+    """Build the datalist and write it to ``output``.
+
+    Args:
+        labeled_dir: folder with images/ and labels/ (<name>_label.tiff).
+        output: JSON file to write.
+        unlabeled_dirs: one folder or a list "[D1,D2]" of image folders for the "unlabeled" key.
+        base_dir: folder the paths are relative to; default: the folder of ``output``.
+        val_fraction: share of labeled images for "validation", in [0, 1).
+        seed: seed of the split.
+    """
+    if base_dir is None:
+        base_dir = Path(output).absolute().parent
+    try:
+        datalist = build_datalist(
+            labeled_dir, base_dir, _folder_list(unlabeled_dirs), val_fraction=float(val_fraction), seed=int(seed)
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"make_datalist: {error}") from error
+    path = save_datalist(datalist, output)
+    counts = ", ".join(f"{len(items)} {key}" for key, items in datalist.items())
+    print(f"wrote {path} ({counts}; paths relative to {base_dir})")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
