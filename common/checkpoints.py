@@ -1,0 +1,100 @@
+"""Checkpoints of a training run, and resuming from them: the last epoch, the best validation epoch (both
+with everything needed to resume) and the best network alone (``model.pt``, what inference and MONAI Label
+load).
+
+All files are written atomically and hold tensors and plain numbers only, so they load with
+``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from torch import nn
+
+__all__ = ["TrainingCheckpointer"]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingCheckpointer:
+    """Handler for a trainer: ``checkpoint_last.pt`` after every epoch; with a ``validator``, also
+    ``checkpoint_best.pt`` and ``model.pt`` whenever the validator's key metric improves; with ``resume_from``,
+    everything (networks, optimizers, schedulers, epoch and iteration) restored from that checkpoint when the
+    run starts, so it continues after the saved epoch.
+
+    The full checkpoints hold ``save_dict`` plus the trainer itself under ``"trainer"`` (epoch and iteration),
+    which is why this handler receives the trainer when attached instead of from the config: a config entry
+    cannot refer to the trainer that refers to it.
+
+    Args:
+        save_dir: output folder (created); None saves nothing (the other ranks of a multi-process run).
+        save_dict: name -> object with ``state_dict`` (networks, optimizers, schedulers); its ``model_key``
+            entry is the network written alone to ``model.pt``.
+        validator: the evaluator whose key metric selects the best epoch, or None.
+        model_key: the ``save_dict`` key of the network to export.
+        resume_from: a full checkpoint written by this handler ('' or None: start afresh).
+    """
+
+    def __init__(
+        self,
+        save_dir: str | Path | None,
+        save_dict: Mapping[str, object],
+        validator: Engine | None = None,
+        model_key: str = "model",
+        resume_from: str | Path | None = None,
+    ):
+        if model_key not in save_dict:
+            raise ValueError(f"save_dict has no '{model_key}' entry to export as model.pt")
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.save_dict = dict(save_dict)
+        self.validator = validator
+        self.model_key = model_key
+        self.resume_from = Path(resume_from) if resume_from else None
+        if self.resume_from is not None and not self.resume_from.is_file():
+            raise FileNotFoundError(f"resume_from: no checkpoint at {self.resume_from}")
+
+    def _saver(self) -> DiskSaver:
+        return DiskSaver(str(self.save_dir), atomic=True, create_dir=True, require_empty=False)
+
+    def attach(self, trainer: Engine) -> None:
+        everything = {**self.save_dict, "trainer": trainer}
+        if self.resume_from is not None:
+            trainer.add_event_handler(Events.STARTED, self._resume, everything)
+        if self.save_dir is None:
+            return
+        last = Checkpoint(everything, self._saver(), filename_pattern="checkpoint_last.{ext}", n_saved=1)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, last)
+        if self.validator is None:
+            return
+
+        def key_metric(_: Engine) -> float:
+            validator = self.validator
+            return float(validator.state.metrics[validator.state.key_metric_name])
+
+        best = Checkpoint(everything, self._saver(), filename_pattern="checkpoint_best.{ext}", n_saved=1, score_function=key_metric)
+        network: nn.Module = self.save_dict[self.model_key]
+        model = Checkpoint({self.model_key: network}, self._saver(), filename_pattern="model.{ext}", n_saved=1, score_function=key_metric)
+        self.validator.add_event_handler(Events.COMPLETED, best)
+        self.validator.add_event_handler(Events.COMPLETED, model)
+
+    def _resume(self, trainer: Engine, everything: dict) -> None:
+        checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True)
+        missing = sorted(set(everything) - set(checkpoint))
+        if missing:
+            raise KeyError(f"{self.resume_from} is not a full training checkpoint: it lacks {missing}")
+        requested_epochs = trainer.state.max_epochs
+        Checkpoint.load_objects(to_load=everything, checkpoint=checkpoint)
+        # the checkpoint carries its run's max_epochs; this run's setting decides how long to go on
+        trainer.state.max_epochs = requested_epochs
+        if trainer.state.epoch >= requested_epochs:
+            raise ValueError(
+                f"{self.resume_from} already holds epoch {trainer.state.epoch}: ask for more than "
+                f"{requested_epochs} epochs to train further"
+            )
+        logger.info("resumed from %s after epoch %d (iteration %d)", self.resume_from, trainer.state.epoch, trainer.state.iteration)

@@ -1,0 +1,315 @@
+"""Training and inference engines shared by the bundles.
+
+- :class:`SemiSupervisedTrainer` — MONAI ``SupervisedTrainer`` that also draws one unlabeled batch per
+  iteration from a second loader and may step several optimizers; subclasses only say how the losses of one
+  iteration are computed (:meth:`SemiSupervisedTrainer.compute_losses`).
+- :class:`MeanTeacherTrainer` — MT²: supervised warm-up, then a teacher copied from the student and updated by
+  EMA after every optimizer step, with a consistency loss on CutMixed unlabeled views.
+- :class:`CrossTeachingTrainer` — CrossCT: two networks, each supervised on labeled batches, teaching each
+  other on unlabeled batches with a Gaussian ramp-up of the cross-teaching weight.
+- :class:`FolderEvaluator` — inference/evaluation over a folder that skips images which cannot be read,
+  names them in the log, and fails at the end so the exit status says something went wrong.
+
+Everything runs through ``python -m monai.bundle run`` and MONAI Label: the trainers keep
+``SupervisedTrainer``'s constructor, events and output keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+from ignite.engine import Events
+from torch import nn
+
+from common.augment import CutMixer
+from common.losses import cross_teaching_loss, gaussian_rampup
+
+__all__ = [
+    "SemiSupervisedTrainer",
+    "MeanTeacherTrainer",
+    "CrossTeachingTrainer",
+    "FolderEvaluator",
+    "ema_update",
+    "unwrapped",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class SemiSupervisedTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` with an unlabeled loader and optional extra optimizers.
+
+    ``epoch_length`` follows the labeled loader; the unlabeled loader is cycled (re-created, with
+    ``DistributedSampler.set_epoch`` when it has one, whenever it runs out).
+
+    Args:
+        unlabeled_data_loader: loader of unlabeled batches (dicts), or None for supervised-only training.
+        extra_optimizers: optimizers stepped after ``optimizer`` (e.g. the second network of a pair).
+        kwargs: everything ``SupervisedTrainer`` takes.
+    """
+
+    def __init__(self, *args, unlabeled_data_loader=None, extra_optimizers: Sequence[torch.optim.Optimizer] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unlabeled_data_loader = unlabeled_data_loader
+        self.extra_optimizers = list(extra_optimizers)
+        self._unlabeled_iterator = None
+        self._unlabeled_epoch = 0
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer, *self.extra_optimizers]
+
+    def next_unlabeled_batch(self) -> dict | None:
+        """The next unlabeled batch moved to the engine's device, or None without an unlabeled loader."""
+        if self.unlabeled_data_loader is None:
+            return None
+        if self._unlabeled_iterator is None:
+            self._unlabeled_iterator = iter(self.unlabeled_data_loader)
+        try:
+            batch = next(self._unlabeled_iterator)
+        except StopIteration:
+            self._unlabeled_epoch += 1
+            sampler = getattr(self.unlabeled_data_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self._unlabeled_epoch)
+            self._unlabeled_iterator = iter(self.unlabeled_data_loader)
+            batch = next(self._unlabeled_iterator)
+        return {
+            key: value.to(self.state.device, non_blocking=self.non_blocking) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
+        }
+
+    def train_networks(self) -> list[nn.Module]:
+        """Networks put in train mode each iteration."""
+        return [self.network]
+
+    def compute_losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One iteration's forward pass: returns the network prediction for ``inputs`` and a dict of loss
+        terms whose ``"loss"`` entry is the total to back-propagate. Subclasses override."""
+        prediction = self.inferer(inputs, self.network)
+        return prediction, {"loss": self.loss_function(prediction, targets).mean()}
+
+    def after_step(self) -> None:
+        """Called after the optimizers stepped (e.g. EMA updates)."""
+
+    def _iteration(self, engine: SemiSupervisedTrainer, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets, *_ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        for network in engine.train_networks():
+            network.train()
+        for optimizer in engine.optimizers:
+            optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+
+        def forward():
+            prediction, losses = engine.compute_losses(inputs, targets)
+            engine.state.output[Keys.PRED] = prediction
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            return losses
+
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                losses = forward()
+            engine.state.output[Keys.LOSS] = losses["loss"]
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            engine.scaler.scale(losses["loss"]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for optimizer in engine.optimizers:
+                engine.scaler.step(optimizer)
+            engine.scaler.update()
+        else:
+            losses = forward()
+            engine.state.output[Keys.LOSS] = losses["loss"]
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            losses["loss"].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for optimizer in engine.optimizers:
+                optimizer.step()
+        engine.after_step()
+        for name, value in losses.items():
+            if name != "loss":
+                engine.state.output[name] = value.detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates the output on this event
+        return engine.state.output
+
+
+def unwrapped(network: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel/DataParallel wrapper, or ``network`` itself."""
+    return getattr(network, "module", network)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student for every parameter; buffers (normalization
+    statistics) are copied from the student, since an average of running statistics is not a statistic of
+    the averaged weights."""
+    for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
+        teacher_param.mul_(decay).add_(student_param.detach(), alpha=1.0 - decay)
+    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
+        teacher_buffer.copy_(student_buffer)
+
+
+class MeanTeacherTrainer(SemiSupervisedTrainer):
+    """MT²'s multi-task mean teacher.
+
+    Each iteration: the supervised loss on the labeled batch (CutMixed with ``cutmix``'s probability); after
+    ``warmup_epochs`` also the consistency loss between the student on the strong unlabeled view (CutMixed) and
+    the teacher's cell and boundary heat-maps on the weak view, mixed by the same box. The teacher is copied from
+    the student when the first epoch after the warm-up starts and follows it by EMA after every optimizer step.
+
+    Args:
+        teacher_network: a network of the student's architecture.
+        ema_decay: EMA decay beta (0.995 in the paper's code).
+        warmup_epochs: supervised-only epochs before the teacher is created.
+        consistency_weight: weight of the consistency loss.
+        cutmix: the CutMix applied to labeled batches and to strong unlabeled views (None: no CutMix).
+        unlabeled_image_keys: keys of the weak and strong views in an unlabeled batch.
+        consistency_loss: callable(student_logits, teacher_heatmaps) -> loss.
+        kwargs: everything ``SemiSupervisedTrainer`` takes (``loss_function`` is the supervised loss).
+    """
+
+    def __init__(
+        self,
+        *args,
+        teacher_network: nn.Module,
+        consistency_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        ema_decay: float = 0.995,
+        warmup_epochs: int = 0,
+        consistency_weight: float = 1.0,
+        cutmix: CutMixer | None = None,
+        unlabeled_image_keys: tuple[str, str] = ("image", "image_strong"),
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
+        self.teacher_network = teacher_network
+        self.consistency_loss = consistency_loss
+        self.ema_decay = ema_decay
+        self.warmup_epochs = warmup_epochs
+        self.consistency_weight = consistency_weight
+        self.cutmix = cutmix
+        self.unlabeled_image_keys = unlabeled_image_keys
+        for parameter in self.teacher_network.parameters():
+            parameter.requires_grad_(False)
+        self.add_event_handler(Events.EPOCH_STARTED, self._start_teacher_after_warmup)
+
+    @property
+    def teaching(self) -> bool:
+        """True once the warm-up is over and there is unlabeled data."""
+        return self.unlabeled_data_loader is not None and self.state.epoch > self.warmup_epochs
+
+    def _start_teacher_after_warmup(self, engine: MeanTeacherTrainer) -> None:
+        # a run resumed later than this epoch restores the teacher from its checkpoint instead
+        if engine.unlabeled_data_loader is not None and engine.state.epoch == engine.warmup_epochs + 1:
+            engine.teacher_network.load_state_dict(unwrapped(engine.network).state_dict())
+            logger.info("epoch %d: teacher initialised from the student", engine.state.epoch)
+
+    def compute_losses(self, inputs, targets):
+        if self.cutmix is not None:
+            (inputs, targets), _, _ = self.cutmix([inputs, targets])
+        prediction = self.network(inputs)
+        supervised = self.loss_function(prediction, targets).mean()
+        if not self.teaching:
+            return prediction, {"loss": supervised, "loss_supervised": supervised.detach()}
+
+        unlabeled = self.next_unlabeled_batch()
+        weak, strong = (unlabeled[key] for key in self.unlabeled_image_keys)
+        self.teacher_network.eval()
+        with torch.no_grad():
+            teacher_heatmaps = torch.sigmoid(self.teacher_network(weak)[:, 3:5].float())
+        if self.cutmix is not None:
+            (strong, teacher_heatmaps), _, _ = self.cutmix([strong, teacher_heatmaps])
+        consistency = self.consistency_loss(self.network(strong), teacher_heatmaps)
+        total = supervised + self.consistency_weight * consistency
+        return prediction, {"loss": total, "loss_supervised": supervised.detach(), "loss_consistency": consistency.detach()}
+
+    def after_step(self) -> None:
+        if self.teaching:
+            ema_update(self.teacher_network, unwrapped(self.network), self.ema_decay)
+
+
+class CrossTeachingTrainer(SemiSupervisedTrainer):
+    """CrossCT: a CNN (``network``) and a transformer (``second_network``) trained together.
+
+    Labeled batch: the supervised loss of each network. Unlabeled batch (when there is an unlabeled loader):
+    ``lambda(t) * cross_teaching_loss(A(u), B(u))`` is added, each network learning from the other's detached
+    pseudo-labels and distance maps, with ``lambda(t) = max_weight * exp(-5 (1 - t/T)^2)``, t the iterations
+    done by this trainer and T = ``rampup_iterations``. Without an unlabeled loader this is the supervised
+    pre-training of both networks (CrossCT's first stage).
+
+    Args:
+        second_network: network B; ``network`` is A.
+        second_optimizer: B's optimizer (``optimizer`` is A's).
+        rampup_iterations: T of the ramp-up, in iterations.
+        max_cross_weight: lambda at t >= T (0.1 in CrossCT).
+        kwargs: everything ``SemiSupervisedTrainer`` takes (``loss_function`` is one network's supervised loss).
+    """
+
+    def __init__(
+        self,
+        *args,
+        second_network: nn.Module,
+        second_optimizer: torch.optim.Optimizer,
+        rampup_iterations: int = 1,
+        max_cross_weight: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(*args, extra_optimizers=[second_optimizer], **kwargs)
+        self.second_network = second_network
+        self.rampup_iterations = rampup_iterations
+        self.max_cross_weight = max_cross_weight
+
+    def train_networks(self) -> list[nn.Module]:
+        return [self.network, self.second_network]
+
+    def cross_weight(self) -> float:
+        """lambda(t) for the current iteration (1-based in ignite; t counts the iterations done before it)."""
+        return gaussian_rampup(self.state.iteration - 1, self.rampup_iterations, self.max_cross_weight)
+
+    def compute_losses(self, inputs, targets):
+        prediction = self.network(inputs)
+        supervised_a = self.loss_function(prediction, targets).mean()
+        supervised_b = self.loss_function(self.second_network(inputs), targets).mean()
+        losses = {"loss_supervised_a": supervised_a.detach(), "loss_supervised_b": supervised_b.detach()}
+        total = supervised_a + supervised_b
+        unlabeled = self.next_unlabeled_batch()
+        if unlabeled is not None:
+            images = unlabeled["image"]
+            weight = self.cross_weight()
+            cross = cross_teaching_loss(self.network(images), self.second_network(images))
+            total = total + weight * cross
+            losses.update(loss_cross=cross.detach(), cross_weight=torch.tensor(weight))
+        return prediction, {"loss": total, **losses}
+
+
+class FolderEvaluator(SupervisedEvaluator):
+    """``SupervisedEvaluator`` for segmenting a folder: batches whose images could not be loaded arrive as
+    ``{"failed": [messages]}`` (see :func:`common.io.collate_skipping_failures`) and are skipped and logged;
+    when the run completes, a ``RuntimeError`` names every failed file, so the process exits non-zero after the
+    good images were written."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failures: list[str] = []
+        self.add_event_handler(Events.COMPLETED, self._raise_on_failures)
+
+    def _iteration(self, engine: FolderEvaluator, batchdata: dict[str, Any]) -> dict:
+        failed = batchdata.get("failed", []) if isinstance(batchdata, dict) else []
+        for message in failed:
+            logger.error("skipped: %s", message)
+        engine.failures.extend(failed)
+        if Keys.IMAGE not in batchdata:
+            engine.state.output = {}
+            return engine.state.output
+        return super()._iteration(engine, batchdata)
+
+    def _raise_on_failures(self, engine: FolderEvaluator) -> None:
+        if engine.failures:
+            raise RuntimeError(f"{len(engine.failures)} image(s) could not be segmented: " + "; ".join(engine.failures))

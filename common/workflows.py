@@ -1,0 +1,102 @@
+"""Glue between bundle configs and files: where the bundle is, which images train it, and running a bundle's
+inference from Python."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from monai.data import load_decathlon_datalist
+
+from common.datalist import build_datalist
+
+__all__ = ["bundle_root_from_argv", "training_datalists", "run_bundle", "config_values"]
+
+DATALIST_NAME = "datalist.json"
+
+
+def bundle_root_from_argv(argv: Sequence[str] | None = None, default: str = ".") -> str:
+    """The bundle folder of the first ``--config_file`` on the command line (its ``configs/`` parent), so that
+    ``python -m monai.bundle run ... --config_file bundles/<name>/configs/x.yaml`` works from any folder.
+    Falls back to ``default`` (MONAI's convention: the current folder) when no config file is given, e.g. when
+    MONAI Label or a script builds the workflow and sets ``bundle_root`` itself."""
+    argv = list(sys.argv if argv is None else argv)
+    for index, argument in enumerate(argv):
+        if argument.startswith("--config_file"):
+            value = argument.split("=", 1)[1] if "=" in argument else (argv[index + 1] if index + 1 < len(argv) else "")
+            if value.startswith("["):
+                value = ast.literal_eval(value)[0]
+            config_dir = Path(value).resolve().parent
+            return str(config_dir.parent if config_dir.name == "configs" else config_dir)
+    return default
+
+
+def training_datalists(dataset_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
+    """Training, validation and unlabeled lists of absolute paths for ``dataset_dir``.
+
+    ``dataset_dir`` holds either a MONAI datalist ``datalist.json`` (keys ``training``, ``validation``,
+    optional ``unlabeled``; paths relative to ``dataset_dir``, as ``tools/make_datalist.py`` writes them) or the
+    challenge folders ``images/`` + ``labels/`` (split by ``val_fraction`` and ``seed``) with an optional
+    ``unlabeled/`` image folder.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"dataset_dir {dataset_dir} is not a folder")
+    datalist_file = dataset_dir / DATALIST_NAME
+    if datalist_file.is_file():
+        lists = {}
+        for key in ("training", "validation", "unlabeled"):
+            try:
+                lists[key] = load_decathlon_datalist(datalist_file, data_list_key=key, base_dir=dataset_dir)
+            except ValueError:  # MONAI raises when the key is absent; only "training" is required
+                if key == "training":
+                    raise
+                lists[key] = []
+        return lists
+    unlabeled = [dataset_dir / "unlabeled"] if (dataset_dir / "unlabeled").is_dir() else []
+    relative = build_datalist(dataset_dir, dataset_dir, unlabeled, val_fraction=val_fraction, seed=seed)
+    return {key: [{k: str(dataset_dir / v) for k, v in item.items()} for item in items] for key, items in relative.items()}
+
+
+def run_bundle(bundle_root: str | Path, config: str = "inference.yaml", workflow_type: str = "infer", **overrides: Any):
+    """Build, run and finalize a bundle config from Python, the way ``python -m monai.bundle run`` does.
+
+    Args:
+        bundle_root: the bundle folder (holding ``configs/``).
+        config: config file name inside ``configs/``, or a list of them merged left to right.
+        workflow_type: "infer" or "train" (for MONAI's property checks).
+        overrides: config ids and values, e.g. ``dataset_dir=..., output_dir=...``.
+
+    Returns:
+        The ``monai.bundle.ConfigWorkflow`` after its run (its parser gives access to every component).
+    """
+    from monai.bundle import ConfigWorkflow
+
+    bundle_root = Path(bundle_root).resolve()
+    names = [config] if isinstance(config, str) else list(config)
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle_root / "configs" / name) for name in names],
+        workflow_type=workflow_type,
+        bundle_root=str(bundle_root),
+        **overrides,
+    )
+    workflow.initialize()
+    try:
+        workflow.run()
+    finally:
+        workflow.finalize()
+    return workflow
+
+
+def config_values(config_file: str | Path, names: Sequence[str]) -> dict[str, Any]:
+    """The literal top-level values ``names`` of a bundle config file (e.g. the post-processing settings an
+    inference config ships), read without building the workflow."""
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_file(config_file)
+    missing = [name for name in names if name not in config]
+    if missing:
+        raise KeyError(f"{config_file} does not define {missing}")
+    return {name: config[name] for name in names}

@@ -1,0 +1,159 @@
+"""Helpers shared by the bundle tests: small datalists of real images, bundle workflows with tiny settings, and
+``python -m monai.bundle run`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_datalist(dev_dir: Path, unlabeled_dir: Path, folder: Path, training: list[str], validation: list[str]) -> Path:
+    """``folder/datalist.json`` with absolute paths to the named dev images and the first 4 unlabeled ones."""
+
+    def item(name):
+        return {"image": str(dev_dir / "images" / name), "label": str(dev_dir / "labels" / f"{Path(name).stem}_label.tiff")}
+
+    unlabeled = sorted((unlabeled_dir / "images").iterdir())[:4]
+    datalist = {
+        "training": [item(name) for name in training],
+        "validation": [item(name) for name in validation],
+        "unlabeled": [{"image": str(path)} for path in unlabeled],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "datalist.json").write_text(json.dumps(datalist))
+    return folder
+
+
+def initialized_workflow(bundle: Path, config: str, workflow_type: str, run_id: str = "run", **overrides):
+    """A ``ConfigWorkflow`` of ``bundle/configs/config``, initialized, with ``overrides``."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / config),
+        workflow_type=workflow_type,
+        run_id=run_id,
+        bundle_root=str(bundle),
+        **overrides,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def parameters(network: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in network.parameters()]
+
+
+def state_equal(network: torch.nn.Module, state: dict) -> bool:
+    """True when every tensor of ``state`` equals the network's."""
+    own = network.state_dict()
+    return set(own) == set(state) and all(torch.equal(own[key].cpu(), value.cpu()) for key, value in state.items())
+
+
+def run_bundle_command(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run ARGUMENTS`` in ``cwd``; output captured."""
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *arguments],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=900,
+    )
+
+
+def folder_of_links(dev_dir: Path, names: list[str], folder: Path, with_labels: bool = False) -> Path:
+    """``folder/images`` (and ``folder/labels``) holding links to the named dev images (and their labels)."""
+    (folder / "images").mkdir(parents=True)
+    if with_labels:
+        (folder / "labels").mkdir()
+    for name in names:
+        (folder / "images" / name).symlink_to(dev_dir / "images" / name)
+        if with_labels:
+            label = f"{Path(name).stem}_label.tiff"
+            (folder / "labels" / label).symlink_to(dev_dir / "labels" / label)
+    return folder
+
+
+def override_arguments(overrides: dict) -> list[str]:
+    """``--key value`` command-line pairs (values as JSON, which MONAI's CLI parses)."""
+    arguments = []
+    for key, value in overrides.items():
+        arguments += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return arguments
+
+
+def check_inference_skips_a_corrupt_file(bundle: Path, settings: dict, dev_dir: Path, names: list[str], tmp_path: Path):
+    """Run the bundle's inference on the named real images plus a truncated PNG: the good images are written
+    at their size, the bad one is named, the exit status is non-zero, and nothing else is left in the output."""
+    from common.io import read_label
+
+    folder = folder_of_links(dev_dir, names, tmp_path / "input")
+    (folder / "images" / "truncated.png").write_bytes((dev_dir / "images" / "dsb_1c8b905c9519.png").read_bytes()[:2000])
+    output = tmp_path / "out"
+    result = run_bundle_command(
+        "inference",
+        "--config_file", str(bundle / "configs" / "inference.yaml"),
+        "--dataset_dir", str(folder), "--output_dir", str(output),
+        *override_arguments(settings),
+        cwd=tmp_path,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    assert "truncated.png" in log and "could not be segmented" in log, log[-3000:]
+    written = sorted(path.name for path in output.iterdir())
+    assert written == sorted(f"{Path(name).stem}_label.tiff" for name in names), written
+    for name in names:
+        stem = Path(name).stem
+        assert read_label(output / f"{stem}_label.tiff").shape == read_label(dev_dir / "labels" / f"{stem}_label.tiff").shape
+
+
+def check_evaluation_writes_scores(bundle: Path, settings: dict, dev_dir: Path, names: list[str], tmp_path: Path):
+    """Run the bundle's evaluate.yaml on a labeled folder of the named images: the CSV holds one row per image
+    and the mean and median F1 are printed."""
+    dataset = folder_of_links(dev_dir, names, tmp_path / "labeled", with_labels=True)
+    output = tmp_path / "eval"
+    result = run_bundle_command(
+        "evaluating",
+        "--config_file", str(bundle / "configs" / "evaluate.yaml"),
+        "--dataset_dir", str(dataset), "--output_dir", str(output),
+        "--inference_overrides", json.dumps(settings),
+        cwd=tmp_path,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    rows = (output / "f1_scores.csv").read_text().strip().splitlines()
+    assert rows[0] == "name,tp,fp,fn,precision,recall,f1"
+    assert sorted(row.split(",")[0] for row in rows[1:]) == sorted(Path(name).stem for name in names)
+    assert "mean F1" in log and "median F1" in log
+
+
+def check_bundle_contract(bundle: Path, dev_dir: Path, net_overrides: dict):
+    """MONAI's property checks for training and inference, verify_net_in_out on the inference network, and the
+    metadata against the model-zoo schema when ``../shared/schemas`` is there."""
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    configs = bundle / "configs"
+    # MONAI Label always sets dataset_dir; the data lists are built from it while the properties are checked
+    for workflow_type, config, dataset_dir in (("train", "train.yaml", dev_dir), ("infer", "inference.yaml", dev_dir / "images")):
+        workflow = initialized_workflow(bundle, config, workflow_type, dataset_dir=str(dataset_dir))
+        assert workflow.check_properties() in (None, []), (config, workflow.check_properties())
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.yaml"),
+        n=2,
+        any=32,
+        device="cpu",
+        **net_overrides,
+    )
+    schema = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+    if schema.is_file():
+        verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(schema))

@@ -1,0 +1,188 @@
+"""MultiScaleInferer: MT² multi-scale sliding-window inference with max fusion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from torch import nn
+
+from common.inferers import MultiScaleInferer
+from common.io import read_image
+from common.networks import MultiHeadUNetPlusPlus
+from common.postprocess import MT2Watershedd
+
+ROI = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # the networks here are tiny: with several test processes sharing 2 cores, intra-op threads only spin
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Pointwise(nn.Module):
+    """A fixed 1x1 convolution 3 -> 5: its output at a pixel depends on that pixel only."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(5, 3, 1, 1, generator=generator) * 2)
+            self.conv.bias.copy_(torch.randn(5, generator=generator))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Pattern(nn.Module):
+    """Pointwise logits plus stripes in the window's own pixel grid on the cell and boundary logits, so the
+    cell-minus-boundary map, once resized back, changes with the scale and each scale wins somewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.pointwise = Pointwise(1)
+
+    def forward(self, x):
+        out = self.pointwise(x)
+        height, width = x.shape[-2:]
+        rows = torch.arange(height, dtype=x.dtype).view(-1, 1)
+        cols = torch.arange(width, dtype=x.dtype).view(1, -1)
+        stripes = 3 * torch.stack([torch.sin(0.9 * cols) + 0 * rows, torch.cos(0.7 * rows) + 0 * cols])
+        return torch.cat([out[:, :3], out[:, 3:] + stripes], dim=1)
+
+
+def activations(logits: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.softmax(logits[:, :3], 1), torch.sigmoid(logits[:, 3:])], 1)
+
+
+def smooth_images(batch: int, height: int, width: int, seed: int = 0, period: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, max(2, height // period), max(2, width // period), generator=generator)
+    return F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def assert_probabilities(out: torch.Tensor, shape: tuple[int, ...]):
+    assert out.shape == shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    torch.testing.assert_close(out[:, :3].sum(1), torch.ones(shape[0], *shape[2:]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(20, 25), (45, 70), (100, 83)], ids=["smaller", "non-square", "larger"])
+def test_unetpp_output_is_probabilities_at_input_size(size):
+    torch.manual_seed(0)
+    network = MultiHeadUNetPlusPlus(features=(4, 4, 8, 8, 16, 4)).eval()
+    inferer = MultiScaleInferer(roi_size=ROI, sw_batch_size=2)
+    with torch.no_grad():
+        out = inferer(smooth_images(2, *size), network)
+    assert_probabilities(out, (2, 5, *size))
+
+
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+@pytest.mark.parametrize("size", [(20, 25), (75, 90)], ids=["smaller", "larger"])
+def test_single_scale_equals_activations_of_pointwise_network(mode, size):
+    # overlapping windows of a pointwise network agree, so any stitching weights give its plain output
+    network, images = Pointwise(), smooth_images(2, *size)
+    inferer = MultiScaleInferer(roi_size=ROI, overlap=0.5, mode=mode, scales=(1.0,))
+    with torch.no_grad():
+        out, expected = inferer(images, network), activations(network(images))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_rescaled_inference_maps_back_onto_the_image():
+    # up- then down-sampling a smooth image nearly restores it: a misaligned resize would not
+    network, images = Pointwise(), smooth_images(1, 60, 44, period=20)
+    with torch.no_grad():
+        reference = MultiScaleInferer(roi_size=ROI, scales=(1.0,))(images, network)
+        for scale in (0.8, 1.2, 2.0):
+            out = MultiScaleInferer(roi_size=ROI, scales=(scale,))(images, network)
+            assert out.shape == reference.shape
+            assert (out - reference).abs().max() < 0.01
+            # on a constant image every scale gives the same, exactly known answer
+            constant = torch.full((1, 3, 37, 29), 0.4)
+            out_constant = MultiScaleInferer(roi_size=ROI, scales=(scale,))(constant, network)
+            expected = activations(network(constant[:, :, :1, :1])).expand_as(out_constant)
+            torch.testing.assert_close(out_constant, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(30, 26), (70, 90)], ids=["smaller", "larger"])
+def test_scales_are_fused_by_pixelwise_max_of_cell_minus_boundary(size):
+    network, images, scales = Pattern(), smooth_images(2, *size, seed=3), (0.8, 1.0, 1.2)
+    with torch.no_grad():
+        fused = MultiScaleInferer(roi_size=ROI, scales=scales)(images, network)
+        singles = torch.stack([MultiScaleInferer(roi_size=ROI, scales=(s,))(images, network) for s in scales])
+    energies = singles[:, :, 3] - singles[:, :, 4]  # (scale, B, H, W)
+    best = energies.argmax(0)
+    # every scale wins on a good share of pixels, so the fusion is really exercised
+    assert all((best == k).float().mean() > 0.1 for k in range(len(scales)))
+    torch.testing.assert_close(fused[:, 3] - fused[:, 4], energies.max(0).values, atol=1e-6, rtol=0)
+    winner = torch.gather(singles[:, :, 3:], 0, best[None, :, None].expand(1, -1, 2, -1, -1))[0]
+    torch.testing.assert_close(fused[:, 3:], winner, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused[:, :3], singles[:, :, :3].mean(0), atol=1e-6, rtol=0)
+    assert_probabilities(fused, (2, 5, *size))
+
+
+def test_fluorescence_rule_uses_its_own_scales_when_first_channel_is_zero():
+    network = Pattern()
+    images = smooth_images(2, 40, 36, seed=5)
+    images[0, 0] = 0  # sample 0 looks like 2-channel fluorescence stored as RGB with an empty first channel
+    images[1, 2] = 0  # a zero THIRD channel does not trigger the rule
+    with torch.no_grad():
+        default = MultiScaleInferer(roi_size=ROI)(images, network)
+        only_15 = MultiScaleInferer(roi_size=ROI, scales=(1.5,), fluorescence_rule=False)(images, network)
+        ordinary = MultiScaleInferer(roi_size=ROI, fluorescence_rule=False)(images, network)
+    torch.testing.assert_close(default[0], only_15[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(default[1], ordinary[1], atol=1e-6, rtol=0)
+    rule_off = MultiScaleInferer(roi_size=ROI, fluorescence_scales=(0.5,), fluorescence_rule=False)
+    torch.testing.assert_close(ordinary, rule_off(images, network))
+    assert (only_15[0] - ordinary[0]).abs().max() > 0.05  # the two choices really differ
+    assert MultiScaleInferer().scales_for(images[0]) == (1.5,)
+    assert MultiScaleInferer().scales_for(images[1]) == (0.8, 1.0, 1.2)
+
+
+def test_metatensor_input_keeps_its_metadata():
+    images = MetaTensor(smooth_images(1, 24, 30), meta={"filename_or_obj": "a.png"})
+    with torch.no_grad():
+        out = MultiScaleInferer(roi_size=ROI, scales=(1.0, 1.2))(images, Pointwise())
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "a.png"
+    assert out.shape == (1, 5, 24, 30) and out.dtype == torch.float32
+
+
+def test_invalid_arguments_are_refused():
+    for kwargs in ({"mode": "nearest"}, {"scales": ()}, {"scales": (1.0, 0.0)}, {"overlap": 1.0}, {"sw_batch_size": 0}):
+        with pytest.raises(ValueError):
+            MultiScaleInferer(**kwargs)
+    with pytest.raises(ValueError, match="5 channels"):
+        MultiScaleInferer(roi_size=ROI)(smooth_images(1, 20, 20), nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        MultiScaleInferer(roi_size=ROI)(torch.zeros(3, 20, 20), Pointwise())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast runs only on CUDA")
+def test_cuda_autocast_returns_float32_close_to_full_precision():
+    network, images = Pointwise().cuda(), smooth_images(1, 80, 70).cuda()
+    with torch.no_grad():
+        half = MultiScaleInferer(roi_size=ROI, autocast=True)(images, network)
+        full = MultiScaleInferer(roi_size=ROI, autocast=False)(images, network)
+        on_cpu = MultiScaleInferer(roi_size=ROI, stitch_device="cpu")(images, network)
+    assert half.dtype == torch.float32 and half.is_cuda and on_cpu.device.type == "cpu"
+    assert (half - full).abs().max() < 1e-2
+    torch.testing.assert_close(on_cpu, half.cpu(), atol=1e-5, rtol=0)
+
+
+def test_real_image_gives_probabilities_the_mt2_watershed_accepts(dev_pairs):
+    image_path = next(path for path, _ in dev_pairs if read_image(path).shape[1:] == (256, 320))
+    image = torch.from_numpy(read_image(image_path)[:3] / 255.0)[None]
+    torch.manual_seed(0)
+    network = MultiHeadUNetPlusPlus(features=(4, 4, 8, 8, 16, 4)).eval()
+    with torch.no_grad():
+        out = MultiScaleInferer(roi_size=64, sw_batch_size=4)(image, network)
+    assert_probabilities(out, (1, 5, 256, 320))
+    labels = MT2Watershedd(keys="pred", sigmoid=False)({"pred": out[0]})["pred"]
+    assert tuple(np.asarray(labels).shape[-2:]) == (256, 320)
