@@ -19,7 +19,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
-from common.io import label_path_for, list_images
+from common.io import image_name, label_path_for, list_images
 
 __all__ = ["build_datalist", "relative_posix", "save_datalist", "split_names"]
 
@@ -69,14 +69,13 @@ def _labeled_pairs(labeled_dir: Path) -> dict[str, tuple[Path, Path]]:
     pairs: dict[str, tuple[Path, Path]] = {}
     missing = []
     for image in list_images(labeled_dir):
-        if image.stem in pairs:
-            raise ValueError(
-                f"images {pairs[image.stem][0]} and {image} share the name {image.stem!r} (one label each)"
-            )
+        name = image_name(image)
+        if name in pairs:
+            raise ValueError(f"images {pairs[name][0]} and {image} share the name {name!r} (one label each)")
         label = label_path_for(image, label_dir)
         if not label.is_file():
             missing.append(f"{image} (expected {label})")
-        pairs[image.stem] = (image, label)
+        pairs[name] = (image, label)
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) without a label: " + "; ".join(missing))
     if not pairs:

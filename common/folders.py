@@ -13,27 +13,15 @@ from monai.config import KeysCollection
 from monai.data import Dataset, list_data_collate
 from monai.transforms import MapTransform
 
-from common.io import ImageReadError, list_images, write_label
+from common.io import ImageReadError, image_name, list_images, write_label
 
-__all__ = ["folder_datalist", "image_name", "TolerantDataset", "collate_skipping_failures", "SaveInstanceLabeld"]
+__all__ = ["folder_datalist", "TolerantDataset", "collate_skipping_failures", "SaveInstanceLabeld"]
 
 logger = logging.getLogger(__name__)
-
-_DOUBLE_SUFFIXES = (".ome.tif", ".ome.tiff")
-
 
 def folder_datalist(folder: str | Path) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` for every image of ``folder`` (or of its ``images/`` subfolder)."""
     return [{"image": str(path)} for path in list_images(folder)]
-
-
-def image_name(path: str | Path) -> str:
-    """The image's name without its extension (``.ome.tif`` counts as one extension)."""
-    path = Path(path)
-    for suffix in _DOUBLE_SUFFIXES:
-        if path.name.lower().endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
 
 
 class TolerantDataset(Dataset):

@@ -23,6 +23,7 @@ from PIL import Image
 __all__ = [
     "SUPPORTED_IMAGE_SUFFIXES",
     "ImageReadError",
+    "image_name",
     "LoadMicroscopyd",
     "label_path_for",
     "list_images",
@@ -297,9 +298,22 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     )
 
 
+_DOUBLE_SUFFIXES = (".ome.tif", ".ome.tiff")
+
+
+def image_name(path: str | os.PathLike) -> str:
+    """An image's name without its extension (``.ome.tif`` counts as one extension): the ``<name>`` of
+    ``<name>_label.tiff``."""
+    path = Path(path)
+    for suffix in _DOUBLE_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
 def label_path_for(image_path: str | os.PathLike, label_dir: str | os.PathLike) -> Path:
-    """The CellSeg label file of an image: ``<label_dir>/<image stem>_label.tiff``."""
-    return Path(label_dir) / f"{Path(image_path).stem}_label.tiff"
+    """The CellSeg label file of an image: ``<label_dir>/<image name>_label.tiff``."""
+    return Path(label_dir) / f"{image_name(image_path)}_label.tiff"
 
 
 def _meta_tensor(array: np.ndarray, source: str | os.PathLike) -> MetaTensor:

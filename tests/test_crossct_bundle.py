@@ -9,22 +9,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from bundle_runs import (
-    REPO,
-    check_bundle_contract,
-    check_evaluation_writes_scores,
-    check_inference_skips_a_corrupt_file,
-    initialized_workflow,
-    parameters,
-    state_equal,
-    write_datalist,
-)
+import bundle_runs as runs
 from ignite.engine import Events
 from monai.losses import DiceLoss
 
 from common.losses import cross_teaching_loss
 
-BUNDLE = REPO / "bundles" / "crossct_cell_segmentation"
+BUNDLE = runs.REPO / "bundles" / "crossct_cell_segmentation"
 TRAIN_IMAGES = ["dsb_0121d6759c5a.png", "phase_set02.tif", "stardist_img2d.tif"]
 VALIDATION_IMAGES = ["he_image02.png"]
 INFERENCE_IMAGES = ["dsb_9774c8239632.png", "phase_set09.tif", "he_image06.png"]  # 1022 x 1024 and 392 x 459
@@ -35,7 +26,7 @@ EPOCHS, RAMPUP_EPOCHS = 2, 2
 
 def workflow_for(run_id, dataset_dir, run_dir, **overrides):
     settings = {**TINY, "pretrain_epochs": 1, "epochs": EPOCHS, "rampup_epochs": RAMPUP_EPOCHS, **overrides}
-    return initialized_workflow(
+    return runs.initialized_workflow(
         BUNDLE, "train.yaml", "train", run_id=run_id, dataset_dir=str(dataset_dir), run_dir=str(run_dir), **settings
     )
 
@@ -44,7 +35,7 @@ def workflow_for(run_id, dataset_dir, run_dir, **overrides):
 def trained_run(tmp_path_factory, dev_dir, unlabeled_dir):
     """Stage 1 (1 epoch, supervised) then stage 2 (2 epochs of cross-teaching), recording what happened."""
     folder = tmp_path_factory.mktemp("crossct")
-    dataset_dir = write_datalist(dev_dir, unlabeled_dir, folder / "data", TRAIN_IMAGES, VALIDATION_IMAGES)
+    dataset_dir = runs.write_datalist(dev_dir, unlabeled_dir, folder / "data", TRAIN_IMAGES, VALIDATION_IMAGES)
     pretraining = workflow_for("pretraining", dataset_dir, folder / "run")
     pretraining.run()
     pretraining.finalize()
@@ -57,8 +48,8 @@ def trained_run(tmp_path_factory, dev_dir, unlabeled_dir):
 
     @trainer.on(Events.STARTED)
     def snapshot(engine):  # attached after the bundle's handlers, so after stage 1's networks were loaded
-        record["starts_from_stage_one"] = state_equal(pair, pretrained)
-        record["unet_start"], record["swin_start"] = parameters(pair.unet), parameters(pair.swin)
+        record["starts_from_stage_one"] = runs.state_equal(pair, pretrained)
+        record["unet_start"], record["swin_start"] = runs.parameters(pair.unet), runs.parameters(pair.swin)
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def weight(engine):
@@ -67,7 +58,7 @@ def trained_run(tmp_path_factory, dev_dir, unlabeled_dir):
 
     workflow.run()
     workflow.finalize()
-    record.update(unet_end=parameters(pair.unet), swin_end=parameters(pair.swin), T=trainer.rampup_iterations)
+    record.update(unet_end=runs.parameters(pair.unet), swin_end=runs.parameters(pair.swin), T=trainer.rampup_iterations)
     record["unlabeled"] = next(iter(workflow.parser.get_parsed_content("train#unlabeled_dataloader")))["image"]
     return folder, record, pair
 
@@ -135,7 +126,7 @@ def test_resume_continues_with_identical_networks(trained_run, tmp_path):
 
     @trainer.on(Events.EPOCH_STARTED)
     def on_epoch(engine):
-        seen.setdefault("start", (engine.state.epoch, state_equal(pair, saved["model"])))
+        seen.setdefault("start", (engine.state.epoch, runs.state_equal(pair, saved["model"])))
 
     workflow.run()
     workflow.finalize()
@@ -150,14 +141,14 @@ def inference_settings(folder):
 def test_inference_segments_real_images_of_any_size_and_names_a_corrupt_one(trained_run, dev_dir, tmp_path, postprocess):
     folder, _, _ = trained_run
     settings = {**inference_settings(folder), "postprocess": postprocess}
-    check_inference_skips_a_corrupt_file(BUNDLE, settings, dev_dir, INFERENCE_IMAGES, tmp_path)
+    runs.check_inference_skips_a_corrupt_file(BUNDLE, settings, dev_dir, INFERENCE_IMAGES, tmp_path)
 
 
 def test_evaluation_writes_per_image_f1_csv(trained_run, dev_dir, tmp_path):
     folder, _, _ = trained_run
     settings = {**inference_settings(folder), "network_output": "unet"}
-    check_evaluation_writes_scores(BUNDLE, settings, dev_dir, INFERENCE_IMAGES[:2], tmp_path)
+    runs.check_evaluation_writes_scores(BUNDLE, settings, dev_dir, INFERENCE_IMAGES[:2], tmp_path)
 
 
 def test_bundle_contract_properties_network_and_metadata(dev_dir):
-    check_bundle_contract(BUNDLE, dev_dir, NETWORKS)
+    runs.check_bundle_contract(BUNDLE, dev_dir, NETWORKS)

@@ -16,6 +16,7 @@ from common.io import (
     SUPPORTED_IMAGE_SUFFIXES,
     ImageReadError,
     LoadMicroscopyd,
+    image_name,
     label_path_for,
     list_images,
     read_image,
@@ -335,6 +336,9 @@ def test_list_images(tmp_path):
 def test_label_path_for():
     assert label_path_for("/data/images/cell_01.png", "/data/labels") == Path("/data/labels/cell_01_label.tiff")
     assert label_path_for(Path("x/img.tiff"), Path("y")) == Path("y/img_label.tiff")
+    # an OME-TIFF's name drops the whole double extension, as the label writer does
+    assert label_path_for("x/slide.ome.tif", "y") == Path("y/slide_label.tiff")
+    assert image_name("x/slide.OME.TIFF") == "slide" and image_name("x/a.b.png") == "a.b"
 
 
 def test_load_microscopyd_batches_with_default_collation(tmp_path):

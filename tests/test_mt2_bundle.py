@@ -7,19 +7,10 @@ import math
 
 import pytest
 import torch
-from bundle_runs import (
-    REPO,
-    check_bundle_contract,
-    check_evaluation_writes_scores,
-    check_inference_skips_a_corrupt_file,
-    initialized_workflow,
-    parameters,
-    state_equal,
-    write_datalist,
-)
+import bundle_runs as runs
 from ignite.engine import Events
 
-BUNDLE = REPO / "bundles" / "mt2_cell_segmentation"
+BUNDLE = runs.REPO / "bundles" / "mt2_cell_segmentation"
 TRAIN_IMAGES = ["dsb_0121d6759c5a.png", "phase_set02.tif", "stardist_img2d.tif"]
 VALIDATION_IMAGES = ["he_image02.png"]
 INFERENCE_IMAGES = ["dsb_9774c8239632.png", "phase_set09.tif", "he_image06.png"]  # 3 modalities, 3 sizes
@@ -29,14 +20,14 @@ TINY = {"features": FEATURES, "patch_size": [64, 64], "batch_size": 2, "unlabele
 
 def train_workflow(dataset_dir, run_dir, **overrides):
     settings = {**TINY, "epochs": 2, "warmup_epochs": 1, **overrides}
-    return initialized_workflow(BUNDLE, "train.yaml", "train", dataset_dir=str(dataset_dir), run_dir=str(run_dir), **settings)
+    return runs.initialized_workflow(BUNDLE, "train.yaml", "train", dataset_dir=str(dataset_dir), run_dir=str(run_dir), **settings)
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, dev_dir, unlabeled_dir):
     """Train 2 epochs (1 supervised warm-up + 1 mean-teacher) and record what the teacher did."""
     folder = tmp_path_factory.mktemp("mt2")
-    dataset_dir = write_datalist(dev_dir, unlabeled_dir, folder / "data", TRAIN_IMAGES, VALIDATION_IMAGES)
+    dataset_dir = runs.write_datalist(dev_dir, unlabeled_dir, folder / "data", TRAIN_IMAGES, VALIDATION_IMAGES)
     workflow = train_workflow(dataset_dir, folder / "run")
     trainer = workflow.parser.get_parsed_content("train#trainer")
     student, teacher = workflow.parser.get_parsed_content("network"), workflow.parser.get_parsed_content("teacher")
@@ -45,26 +36,26 @@ def trained_run(tmp_path_factory, dev_dir, unlabeled_dir):
     @trainer.on(Events.EPOCH_STARTED)
     def check_copy(engine):
         if engine.state.epoch == 2:  # runs after the trainer's own handler that initialises the teacher
-            record["copied_at_phase_start"] = state_equal(teacher, student.state_dict())
+            record["copied_at_phase_start"] = runs.state_equal(teacher, student.state_dict())
 
     @trainer.on(Events.ITERATION_STARTED)
     def before(engine):
-        record["teacher_before"] = parameters(teacher)
+        record["teacher_before"] = runs.parameters(teacher)
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def after(engine):
         if engine.state.epoch == 1:
             record["teacher_unchanged_in_warmup"] = all(
-                torch.equal(a, b) for a, b in zip(record["teacher_before"], parameters(teacher))
+                torch.equal(a, b) for a, b in zip(record["teacher_before"], runs.parameters(teacher))
             )
             return
-        expected = [0.995 * t + 0.005 * s for t, s in zip(record["teacher_before"], parameters(student))]
-        record["ema_errors"].append(max((e - t).abs().max().item() for e, t in zip(expected, parameters(teacher))))
+        expected = [0.995 * t + 0.005 * s for t, s in zip(record["teacher_before"], runs.parameters(student))]
+        record["ema_errors"].append(max((e - t).abs().max().item() for e, t in zip(expected, runs.parameters(teacher))))
         record["consistency"] = engine.state.output[0].get("loss_consistency")
 
     workflow.run()
     workflow.finalize()
-    record["student"], record["teacher"] = parameters(student), parameters(teacher)
+    record["student"], record["teacher"] = runs.parameters(student), runs.parameters(teacher)
     return folder, record
 
 
@@ -101,8 +92,8 @@ def test_resume_continues_from_the_saved_epoch_with_identical_weights(trained_ru
     @trainer.on(Events.EPOCH_STARTED)
     def on_epoch(engine):
         if not seen:
-            seen.update(epoch=engine.state.epoch, student=state_equal(student, saved["model"]))
-            seen["teacher"] = state_equal(teacher, saved["teacher"])
+            seen.update(epoch=engine.state.epoch, student=runs.state_equal(student, saved["model"]))
+            seen["teacher"] = runs.state_equal(teacher, saved["teacher"])
 
     workflow.run()
     workflow.finalize()
@@ -117,13 +108,13 @@ def inference_settings(folder):
 
 def test_inference_segments_real_images_and_names_a_corrupt_one(trained_run, dev_dir, tmp_path):
     folder, _ = trained_run
-    check_inference_skips_a_corrupt_file(BUNDLE, inference_settings(folder), dev_dir, INFERENCE_IMAGES, tmp_path)
+    runs.check_inference_skips_a_corrupt_file(BUNDLE, inference_settings(folder), dev_dir, INFERENCE_IMAGES, tmp_path)
 
 
 def test_evaluation_writes_per_image_f1_csv(trained_run, dev_dir, tmp_path):
     folder, _ = trained_run
-    check_evaluation_writes_scores(BUNDLE, inference_settings(folder), dev_dir, INFERENCE_IMAGES[:2], tmp_path)
+    runs.check_evaluation_writes_scores(BUNDLE, inference_settings(folder), dev_dir, INFERENCE_IMAGES[:2], tmp_path)
 
 
 def test_bundle_contract_properties_network_and_metadata(dev_dir):
-    check_bundle_contract(BUNDLE, dev_dir, {"features": FEATURES})
+    runs.check_bundle_contract(BUNDLE, dev_dir, {"features": FEATURES})
