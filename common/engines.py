@@ -155,6 +155,16 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         teacher_buffer.copy_(student_buffer)
 
 
+def _split_forward(network: nn.Module, labeled: torch.Tensor, unlabeled: torch.Tensor | None):
+    """``network`` on the labeled and unlabeled batches in ONE forward pass (split after): cheaper, and a
+    DistributedDataParallel network allows only one forward before each backward. Returns the two outputs
+    (the second None without an unlabeled batch). Patches of both batches have the same size."""
+    if unlabeled is None:
+        return network(labeled), None
+    outputs = network(torch.cat([labeled, unlabeled]))
+    return outputs[: len(labeled)], outputs[len(labeled) :]
+
+
 class MeanTeacherTrainer(SemiSupervisedTrainer):
     """MT²'s multi-task mean teacher.
 
@@ -214,9 +224,9 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
     def compute_losses(self, inputs, targets):
         if self.cutmix is not None:
             (inputs, targets), _, _ = self.cutmix([inputs, targets])
-        prediction = self.network(inputs)
-        supervised = self.loss_function(prediction, targets).mean()
         if not self.teaching:
+            prediction = self.network(inputs)
+            supervised = self.loss_function(prediction, targets).mean()
             return prediction, {"loss": supervised, "loss_supervised": supervised.detach()}
 
         unlabeled = self.next_unlabeled_batch()
@@ -226,7 +236,9 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
             teacher_heatmaps = torch.sigmoid(self.teacher_network(weak)[:, 3:5].float())
         if self.cutmix is not None:
             (strong, teacher_heatmaps), _, _ = self.cutmix([strong, teacher_heatmaps])
-        consistency = self.consistency_loss(self.network(strong), teacher_heatmaps)
+        prediction, student_strong = _split_forward(self.network, inputs, strong)
+        supervised = self.loss_function(prediction, targets).mean()
+        consistency = self.consistency_loss(student_strong, teacher_heatmaps)
         total = supervised + self.consistency_weight * consistency
         return prediction, {"loss": total, "loss_supervised": supervised.detach(), "loss_consistency": consistency.detach()}
 
@@ -274,16 +286,17 @@ class CrossTeachingTrainer(SemiSupervisedTrainer):
         return gaussian_rampup(self.state.iteration - 1, self.rampup_iterations, self.max_cross_weight)
 
     def compute_losses(self, inputs, targets):
-        prediction = self.network(inputs)
+        unlabeled = self.next_unlabeled_batch()
+        images = unlabeled["image"] if unlabeled is not None else None
+        prediction, outputs_a = _split_forward(self.network, inputs, images)
+        labeled_b, outputs_b = _split_forward(self.second_network, inputs, images)
         supervised_a = self.loss_function(prediction, targets).mean()
-        supervised_b = self.loss_function(self.second_network(inputs), targets).mean()
+        supervised_b = self.loss_function(labeled_b, targets).mean()
         losses = {"loss_supervised_a": supervised_a.detach(), "loss_supervised_b": supervised_b.detach()}
         total = supervised_a + supervised_b
-        unlabeled = self.next_unlabeled_batch()
-        if unlabeled is not None:
-            images = unlabeled["image"]
+        if images is not None:
             weight = self.cross_weight()
-            cross = cross_teaching_loss(self.network(images), self.second_network(images))
+            cross = cross_teaching_loss(outputs_a, outputs_b)
             total = total + weight * cross
             losses.update(loss_cross=cross.detach(), cross_weight=torch.tensor(weight))
         return prediction, {"loss": total, **losses}

@@ -55,6 +55,10 @@ class MultiHeadUNetPlusPlus(nn.Module):
             dropout=dropout,
             upsample=upsample,
         )
+        # MONAI's forward runs the deep-supervision heads even when their outputs are dropped: as identities
+        # they cost nothing, and DistributedDataParallel finds no parameter without a gradient
+        for name in ("final_conv_0_1", "final_conv_0_2", "final_conv_0_3"):
+            setattr(self.unetpp, name, nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # BasicUNetPlusPlus returns a list even without deep supervision

@@ -23,6 +23,14 @@ def test_unetpp_returns_one_five_channel_tensor_for_any_size(size):
     assert isinstance(output, torch.Tensor) and output.shape == (2, 5, *size)
 
 
+def test_every_unetpp_parameter_gets_a_gradient():
+    # DistributedDataParallel fails on parameters that do not contribute to the output
+    network = MultiHeadUNetPlusPlus(features=TINY_FEATURES)
+    network(torch.rand(1, 3, 32, 32)).sum().backward()
+    unused = [name for name, parameter in network.named_parameters() if parameter.grad is None]
+    assert unused == []
+
+
 def test_pad_to_multiple_lets_swin_unetr_take_any_size():
     torch.manual_seed(0)
     swin = SwinUNETR(in_channels=3, out_channels=5, spatial_dims=2, feature_size=12, depths=(1, 1, 1, 1)).eval()
