@@ -135,7 +135,7 @@ def check_evaluation_writes_scores(bundle: Path, settings: dict, dev_dir: Path, 
     assert "mean F1" in log and "median F1" in log
 
 
-def check_bundle_contract(bundle: Path, dev_dir: Path, net_overrides: dict):
+def check_bundle_contract(bundle: Path, dev_dir: Path, net_overrides: dict, run_dir: Path):
     """MONAI's property checks for training and inference, verify_net_in_out on the inference network, and the
     metadata against the model-zoo schema when ``../shared/schemas`` is there."""
     from monai.bundle import verify_metadata, verify_net_in_out
@@ -143,7 +143,8 @@ def check_bundle_contract(bundle: Path, dev_dir: Path, net_overrides: dict):
     configs = bundle / "configs"
     # MONAI Label always sets dataset_dir; the data lists are built from it while the properties are checked
     for workflow_type, config, dataset_dir in (("train", "train.yaml", dev_dir), ("infer", "inference.yaml", dev_dir / "images")):
-        workflow = initialized_workflow(bundle, config, workflow_type, dataset_dir=str(dataset_dir))
+        outputs = {"run_dir": str(run_dir)} if workflow_type == "train" else {"output_dir": str(run_dir)}
+        workflow = initialized_workflow(bundle, config, workflow_type, dataset_dir=str(dataset_dir), **outputs)
         assert workflow.check_properties() in (None, []), (config, workflow.check_properties())
     verify_net_in_out(
         net_id="network_def",

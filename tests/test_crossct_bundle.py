@@ -150,5 +150,5 @@ def test_evaluation_writes_per_image_f1_csv(trained_run, dev_dir, tmp_path):
     runs.check_evaluation_writes_scores(BUNDLE, settings, dev_dir, INFERENCE_IMAGES[:2], tmp_path)
 
 
-def test_bundle_contract_properties_network_and_metadata(dev_dir):
-    runs.check_bundle_contract(BUNDLE, dev_dir, NETWORKS)
+def test_bundle_contract_properties_network_and_metadata(dev_dir, tmp_path):
+    runs.check_bundle_contract(BUNDLE, dev_dir, NETWORKS, tmp_path)
