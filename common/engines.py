@@ -16,6 +16,7 @@ Everything runs through ``python -m monai.bundle run`` and MONAI Label: the trai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable, Sequence
 
@@ -106,31 +107,18 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             network.train()
         for optimizer in engine.optimizers:
             optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-
-        def forward():
-            prediction, losses = engine.compute_losses(inputs, targets)
-            engine.state.output[Keys.PRED] = prediction
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            return losses
-
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                losses = forward()
-            engine.state.output[Keys.LOSS] = losses["loss"]
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            engine.scaler.scale(losses["loss"]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            for optimizer in engine.optimizers:
-                engine.scaler.step(optimizer)
-            engine.scaler.update()
-        else:
-            losses = forward()
-            engine.state.output[Keys.LOSS] = losses["loss"]
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            losses["loss"].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            for optimizer in engine.optimizers:
-                optimizer.step()
+        scaler = engine.scaler if engine.amp else None
+        with torch.autocast("cuda", **engine.amp_kwargs) if scaler is not None else contextlib.nullcontext():
+            engine.state.output[Keys.PRED], losses = engine.compute_losses(inputs, targets)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.output[Keys.LOSS] = losses["loss"]
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        for optimizer in engine.optimizers:
+            scaler.step(optimizer) if scaler is not None else optimizer.step()
+        if scaler is not None:
+            scaler.update()
         engine.after_step()
         for name, value in losses.items():
             if name != "loss":
@@ -304,7 +292,7 @@ class CrossTeachingTrainer(SemiSupervisedTrainer):
 
 class FolderEvaluator(SupervisedEvaluator):
     """``SupervisedEvaluator`` for segmenting a folder: batches whose images could not be loaded arrive as
-    ``{"failed": [messages]}`` (see :func:`common.io.collate_skipping_failures`) and are skipped and logged;
+    ``{"failed": [messages]}`` (see :func:`common.folders.collate_skipping_failures`) and are skipped and logged;
     when the run completes, a ``RuntimeError`` names every failed file, so the process exits non-zero after the
     good images were written."""
 

@@ -19,6 +19,7 @@ __all__ = ["folder_datalist", "TolerantDataset", "collate_skipping_failures", "S
 
 logger = logging.getLogger(__name__)
 
+
 def folder_datalist(folder: str | Path) -> list[dict[str, str]]:
     """``[{"image": path}, ...]`` for every image of ``folder`` (or of its ``images/`` subfolder)."""
     return [{"image": str(path)} for path in list_images(folder)]
