@@ -11,6 +11,7 @@ with POSIX paths relative to a base folder (by default the JSON file's own folde
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import warnings
@@ -21,7 +22,7 @@ import numpy as np
 
 from common.io import image_name, label_path_for, list_images
 
-__all__ = ["build_datalist", "relative_posix", "save_datalist", "split_names"]
+__all__ = ["build_datalist", "read_licenses", "relative_posix", "save_datalist", "split_names"]
 
 
 def relative_posix(path: str | os.PathLike, base_dir: str | os.PathLike) -> str:
@@ -61,6 +62,35 @@ def split_names(names: Sequence[str], val_fraction: float = 0.2, seed: int = 0) 
     return [n for n in ordered if n not in validation], [n for n in ordered if n in validation]
 
 
+def read_licenses(folder: str | os.PathLike) -> dict[str, str]:
+    """name -> licence from ``<folder>/modalities.csv`` (columns ``name`` and ``license``).
+
+    Raises:
+        FileNotFoundError: the folder has no modalities.csv.
+        ValueError: the file lacks a ``name`` or ``license`` column.
+    """
+    path = Path(folder) / "modalities.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no modalities.csv to read the images' licences from")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"name", "license"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {sorted(missing)}")
+        return {row["name"]: row["license"].strip() for row in reader}
+
+
+def _licensed(names: Iterable[str], folder: Path, licenses: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(names whose licence is in ``licenses``, the others); everything is licensed when ``licenses`` is None."""
+    names = list(names)
+    if licenses is None:
+        return names, []
+    known = read_licenses(folder)
+    allowed = set(licenses)
+    kept = [name for name in names if known.get(name) in allowed]
+    return kept, [name for name in names if known.get(name) not in allowed]
+
+
 def _labeled_pairs(labeled_dir: Path) -> dict[str, tuple[Path, Path]]:
     """name -> (image, label) for a folder with images/ and labels/; errors on images without a label."""
     label_dir = labeled_dir / "labels"
@@ -93,39 +123,55 @@ def build_datalist(
     unlabeled_dirs: Iterable[str | os.PathLike] = (),
     val_fraction: float = 0.2,
     seed: int = 0,
+    licenses: Sequence[str] | None = None,
 ) -> dict[str, list[dict[str, str]]]:
     """Datalist of a labeled CellSeg folder (split by :func:`split_names`) and unlabeled image folders.
+
+    With ``licenses``, only images whose licence (from each folder's ``modalities.csv``) is listed are used for
+    training, validation and the unlabeled pool; the other labeled images go to ``"evaluation_only"``, so that
+    shipped weights never see them while they can still be scored.
 
     Args:
         labeled_dir: folder with ``images/<name>.<ext>`` and ``labels/<name>_label.tiff``.
         base_dir: folder the paths are written relative to.
         unlabeled_dirs: image folders (their ``images/`` subfolder when present), in the order given.
         val_fraction, seed: see :func:`split_names`.
+        licenses: licence names to keep (e.g. ``["CC0-1.0", "MIT", "BSD-3-Clause"]``); None keeps all images.
 
     Returns:
-        {"training": [{"image", "label"}], "validation": [{"image", "label"}], "unlabeled": [{"image"}]}.
+        {"training": [{"image", "label"}], "validation": [{"image", "label"}], "unlabeled": [{"image"}]}, plus
+        "evaluation_only": [{"image", "label"}] when ``licenses`` is given.
 
     Raises:
-        FileNotFoundError: a missing folder, or images without a label (all named).
+        FileNotFoundError: a missing folder, images without a label (all named), or, with ``licenses``, a
+            folder without modalities.csv.
         ValueError: no labeled images, or two images with the same name.
     """
     if isinstance(unlabeled_dirs, (str, os.PathLike)):
         unlabeled_dirs = [unlabeled_dirs]
     pairs = _labeled_pairs(Path(labeled_dir))
-    training, validation = split_names(list(pairs), val_fraction, seed)
+    usable, evaluation_only = _licensed(pairs, Path(labeled_dir), licenses)
+    if not usable:
+        raise ValueError(f"no labeled image in {labeled_dir} has one of the licences {list(licenses or [])}")
+    training, validation = split_names(usable, val_fraction, seed)
 
     def entry(name: str) -> dict[str, str]:
         image, label = pairs[name]
         return {"image": relative_posix(image, base_dir), "label": relative_posix(label, base_dir)}
 
-    unlabeled = [
-        {"image": relative_posix(image, base_dir)} for folder in unlabeled_dirs for image in list_images(folder)
-    ]
-    return {
+    unlabeled = []
+    for folder in unlabeled_dirs:
+        images = {image_name(image): image for image in list_images(folder)}
+        kept, _ = _licensed(images, Path(folder), licenses)
+        unlabeled += [{"image": relative_posix(images[name], base_dir)} for name in kept]
+    datalist = {
         "training": [entry(name) for name in training],
         "validation": [entry(name) for name in validation],
         "unlabeled": unlabeled,
     }
+    if licenses is not None:
+        datalist["evaluation_only"] = [entry(name) for name in evaluation_only]
+    return datalist
 
 
 def save_datalist(datalist: dict, output: str | os.PathLike) -> Path:

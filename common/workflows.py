@@ -12,9 +12,27 @@ from monai.data import load_decathlon_datalist
 
 from common.datalist import build_datalist
 
-__all__ = ["bundle_root_from_argv", "training_datalists", "run_bundle", "config_values"]
+__all__ = ["bundle_root_from_argv", "training_datalists", "run_bundle", "config_values", "flag"]
 
 DATALIST_NAME = "datalist.json"
+
+
+def flag(value: Any) -> bool:
+    """A yes/no setting from a config or the command line, where ``--x false`` arrives as the string 'false'.
+
+    Raises:
+        ValueError: anything but a bool, 0/1 or true/false/yes/no/on/off (any case).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def bundle_root_from_argv(argv: Sequence[str] | None = None, default: str = ".") -> str:

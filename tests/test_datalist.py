@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import subprocess
@@ -151,3 +152,28 @@ def test_missing_folders_are_errors(tmp_path):
     folder = _small_labeled_folder(tmp_path / "set", ["a.png"], ["a_label.tiff"])
     with pytest.raises(FileNotFoundError, match="pool"):
         build_datalist(folder, tmp_path, [tmp_path / "pool"])
+
+
+def test_licence_filter_keeps_unlicensed_images_out_of_training(tmp_path, dev_dir, unlabeled_dir):
+    allowed = ["CC0-1.0", "MIT", "BSD-3-Clause"]
+    datalist = build_datalist(dev_dir, tmp_path, [unlabeled_dir], val_fraction=0.25, seed=0, licenses=allowed)
+    with open(dev_dir / "modalities.csv", newline="") as handle:
+        licence_of = {row["name"]: row["license"] for row in csv.DictReader(handle)}
+    used = _names(datalist["training"]) | _names(datalist["validation"])
+    assert used == {name for name, licence in licence_of.items() if licence in allowed}
+    held_out = _names(datalist["evaluation_only"])
+    assert held_out and held_out == {name for name, licence in licence_of.items() if licence not in allowed}
+    assert all(name.startswith("he_") for name in held_out)
+    # without the filter nothing is held out and the key is absent
+    assert "evaluation_only" not in build_datalist(dev_dir, tmp_path, seed=0)
+
+
+def test_licence_filter_needs_a_modalities_file(tmp_path):
+    folder = _small_labeled_folder(tmp_path / "set", ["a.png", "b.png"], ["a_label.tiff", "b_label.tiff"])
+    with pytest.raises(FileNotFoundError, match="modalities.csv"):
+        build_datalist(folder, tmp_path, licenses=["MIT"])
+    (folder / "modalities.csv").write_text("name,license\na,MIT\nb,unknown\n")
+    datalist = build_datalist(folder, tmp_path, val_fraction=0.0, licenses=["MIT"])
+    assert _names(datalist["training"]) == {"a"} and _names(datalist["evaluation_only"]) == {"b"}
+    with pytest.raises(ValueError, match="no labeled image"):
+        build_datalist(folder, tmp_path, licenses=["CC0-1.0"])

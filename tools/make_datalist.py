@@ -37,6 +37,7 @@ def main(
     base_dir: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    licenses: str | list[str] | tuple[str, ...] | None = None,
 ) -> None:
     """Build the datalist and write it to ``output``.
 
@@ -47,12 +48,19 @@ def main(
         base_dir: folder the paths are relative to; default: the folder of ``output``.
         val_fraction: share of labeled images for "validation", in [0, 1).
         seed: seed of the split.
+        licenses: keep only images whose licence in each folder's modalities.csv is one of these, e.g.
+            "[CC0-1.0,MIT,BSD-3-Clause]"; the other labeled images are listed under "evaluation_only".
     """
     if base_dir is None:
         base_dir = Path(output).absolute().parent
     try:
         datalist = build_datalist(
-            labeled_dir, base_dir, _folder_list(unlabeled_dirs), val_fraction=float(val_fraction), seed=int(seed)
+            labeled_dir,
+            base_dir,
+            _folder_list(unlabeled_dirs),
+            val_fraction=float(val_fraction),
+            seed=int(seed),
+            licenses=None if licenses is None else _folder_list(licenses),
         )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"make_datalist: {error}") from error
