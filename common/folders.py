@@ -101,5 +101,5 @@ class SaveInstanceLabeld(MapTransform):
             label = d[key]
             array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
             path = write_label(self.output_dir / f"{name}{self.suffix}.tiff", np.squeeze(array, axis=0) if array.ndim == 3 else array)
-            logger.info("wrote %s (%d cells)", path, int(np.count_nonzero(np.bincount(array.ravel())[1:])))
+            logger.debug("wrote %s (%d cells)", path, int(np.count_nonzero(np.bincount(array.ravel())[1:])))
         return d
