@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import imagecodecs
@@ -22,6 +23,7 @@ from PIL import Image
 
 __all__ = [
     "SUPPORTED_IMAGE_SUFFIXES",
+    "atomic_output",
     "ImageReadError",
     "image_name",
     "LoadMicroscopyd",
@@ -263,16 +265,25 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> Path:
         raise ValueError(f"{path}: label must be 2-D (H, W), got shape {label.shape}")
     _, high = _checked_ids(label, path, UINT32_MAX)
     data = label.astype(np.uint16 if high <= UINT16_MAX else np.uint32)
+    with atomic_output(path) as temporary:
+        tifffile.imwrite(temporary, data, photometric="minisblack", compression="zlib")
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file name beside ``path``: write it inside the block; on success it replaces ``path``, on
+    failure it is removed, so readers never see a half-written file. Missing parent folders are created."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden and unique, so list_images skips it and concurrent writers do not collide.
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tifffile.imwrite(temporary, data, photometric="minisblack", compression="zlib")
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    return path
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

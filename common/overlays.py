@@ -6,7 +6,6 @@ One colour per instance, chosen from its id alone, so the same id has the same c
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from monai.transforms import MapTransform
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from common.io import image_name
+from common.io import atomic_output, image_name
 
 __all__ = ["instance_colours", "overlay_contours", "write_png", "SaveOverlayd"]
 
@@ -86,16 +85,9 @@ def overlay_contours(image: np.ndarray, label: np.ndarray, max_pixels: int = 25_
 
 def write_png(path: str | os.PathLike, picture: np.ndarray) -> Path:
     """Write an (H, W, 3) uint8 picture as PNG atomically (temporary file, then rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_output(path) as temporary:
         Image.fromarray(np.ascontiguousarray(picture)).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _numpy(value) -> np.ndarray:
