@@ -1,0 +1,46 @@
+"""tools/compact_weights.py: float16 storage that loads back into the float32 networks."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import BasicUNet
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("compact_weights", REPO_ROOT / "tools" / "compact_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_half_precision_weights_load_and_predict_like_the_original(tmp_path):
+    torch.manual_seed(0)
+    network = BasicUNet(spatial_dims=2, in_channels=3, out_channels=5, features=(8, 8, 16, 32, 64, 8)).eval()
+    torch.save({"model": network.state_dict()}, tmp_path / "full.pt")
+    _tool().compact_weights(str(tmp_path / "full.pt"), str(tmp_path / "half.pt"))
+    half = torch.load(tmp_path / "half.pt", weights_only=True)
+    assert {v.dtype for v in half.values() if v.is_floating_point()} == {torch.float16}
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "full.pt").stat().st_size
+    restored = BasicUNet(spatial_dims=2, in_channels=3, out_channels=5, features=(8, 8, 16, 32, 64, 8)).eval()
+    restored.load_state_dict(half)
+    assert all(p.dtype == torch.float32 for p in restored.parameters())
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = network(image), restored(image)
+    assert torch.allclose(expected, got, atol=1e-2 * float(expected.abs().max()))
+    assert not torch.equal(expected, got)
+
+
+def test_not_a_state_dict_is_refused(tmp_path):
+    torch.save({"model": {"weight": torch.ones(2), "epoch": torch.tensor(3)}, "note": torch.zeros(1)}, tmp_path / "ok.pt")
+    _tool().compact_weights(str(tmp_path / "ok.pt"), str(tmp_path / "ok_half.pt"))  # integer tensors kept as they are
+    assert torch.load(tmp_path / "ok_half.pt", weights_only=True)["epoch"].dtype == torch.int64
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(SystemExit, match="not a tensor-only state dict"):
+        _tool().compact_weights(str(tmp_path / "list.pt"), str(tmp_path / "x.pt"))
