@@ -12,7 +12,7 @@ from monai.data import load_decathlon_datalist
 
 from common.datalist import build_datalist
 
-__all__ = ["bundle_root_from_argv", "training_datalists", "run_bundle", "config_values", "flag"]
+__all__ = ["bundle_root_from_argv", "training_datalists", "unlabeled_datalist", "run_bundle", "config_values", "flag"]
 
 DATALIST_NAME = "datalist.json"
 
@@ -76,6 +76,16 @@ def training_datalists(dataset_dir: str | Path, val_fraction: float = 0.2, seed:
     unlabeled = [dataset_dir / "unlabeled"] if (dataset_dir / "unlabeled").is_dir() else []
     relative = build_datalist(dataset_dir, dataset_dir, unlabeled, val_fraction=val_fraction, seed=seed)
     return {key: [{k: str(dataset_dir / v) for k, v in item.items()} for item in items] for key, items in relative.items()}
+
+
+def unlabeled_datalist(dataset_dir: str | Path) -> list[dict]:
+    """The unlabeled images of ``dataset_dir`` (see :func:`training_datalists`), or none when ``dataset_dir`` is
+    not a folder. MONAI Label trains a bundle from labeled lists it sets itself (``train#dataset#data``,
+    ``validate#dataset#data``) and never sets ``dataset_dir``; a wrong ``dataset_dir`` on the command line still
+    fails, on the labeled lists."""
+    if not Path(dataset_dir).is_dir():
+        return []
+    return training_datalists(dataset_dir)["unlabeled"]
 
 
 def run_bundle(bundle_root: str | Path, config: str = "inference.yaml", workflow_type: str = "infer", **overrides: Any):

@@ -92,8 +92,10 @@ def override_arguments(overrides: dict) -> list[str]:
 
 def check_inference_skips_a_corrupt_file(bundle: Path, settings: dict, dev_dir: Path, names: list[str], tmp_path: Path):
     """Run the bundle's inference on the named real images plus a truncated PNG: the good images are written
-    at their size, the bad one is named, the exit status is non-zero, and nothing else is left in the output."""
+    at their size (with an overlay when the bundle writes overlays), the bad one is named, the exit status is
+    non-zero, and nothing else is left in the output."""
     from common.io import read_label
+    from common.workflows import config_values, flag
 
     folder = folder_of_links(dev_dir, names, tmp_path / "input")
     (folder / "images" / "truncated.png").write_bytes((dev_dir / "images" / "dsb_1c8b905c9519.png").read_bytes()[:2000])
@@ -109,7 +111,9 @@ def check_inference_skips_a_corrupt_file(bundle: Path, settings: dict, dev_dir: 
     assert result.returncode != 0, log[-3000:]
     assert "truncated.png" in log and "could not be segmented" in log, log[-3000:]
     written = sorted(path.name for path in output.iterdir())
-    assert written == sorted(f"{Path(name).stem}_label.tiff" for name in names), written
+    default = config_values(bundle / "configs" / "inference.yaml", ["write_overlays"])["write_overlays"]
+    suffixes = ["_label.tiff", "_overlay.png"] if flag(settings.get("write_overlays", default)) else ["_label.tiff"]
+    assert written == sorted(f"{Path(name).stem}{suffix}" for name in names for suffix in suffixes), written
     for name in names:
         stem = Path(name).stem
         assert read_label(output / f"{stem}_label.tiff").shape == read_label(dev_dir / "labels" / f"{stem}_label.tiff").shape
@@ -158,3 +162,28 @@ def check_bundle_contract(bundle: Path, dev_dir: Path, net_overrides: dict, run_
     schema = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
     if schema.is_file():
         verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(schema))
+
+
+TINY_UNET_FEATURES = [4, 4, 8, 8, 16, 4]
+TINY_SWIN_FEATURE_SIZE = 12
+
+
+def tiny_checkpoint(bundle: str, folder: Path) -> tuple[Path, dict]:
+    """The initialised network of ``bundle`` (a folder name under bundles/) at test size, saved as a
+    tensor-only state dict in ``folder``; and the config overrides that build that network."""
+    from monai.networks.nets import BasicUNet, SwinUNETR
+
+    from common.networks import CrossCTNetworks, MultiHeadUNetPlusPlus, PadToMultiple
+
+    torch.manual_seed(0)
+    if bundle.startswith("mt2"):
+        network = MultiHeadUNetPlusPlus(features=TINY_UNET_FEATURES)
+        settings = {"features": TINY_UNET_FEATURES}
+    else:
+        unet = BasicUNet(spatial_dims=2, in_channels=3, out_channels=5, features=TINY_UNET_FEATURES)
+        swin = SwinUNETR(spatial_dims=2, in_channels=3, out_channels=5, feature_size=TINY_SWIN_FEATURE_SIZE)
+        network = CrossCTNetworks(PadToMultiple(unet), PadToMultiple(swin))
+        settings = {"unet_features": TINY_UNET_FEATURES, "swin_feature_size": TINY_SWIN_FEATURE_SIZE}
+    path = folder / f"{bundle}_tiny.pt"
+    torch.save(network.state_dict(), path)
+    return path, settings
