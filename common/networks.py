@@ -11,7 +11,7 @@ from torch import nn
 
 __all__ = ["MultiHeadUNetPlusPlus", "PadToMultiple", "CrossCTNetworks", "MT2_CHANNELS", "CROSSCT_CHANNELS"]
 
-# Output channel layouts, also named in each bundle's metadata.json ``channel_def``.
+# Output channel layouts of the networks, also described in each bundle's metadata.json ``pred_classes``.
 MT2_CHANNELS = ("background", "interior", "boundary", "cell heat-map", "boundary heat-map")
 CROSSCT_CHANNELS = ("background", "interior", "boundary", "cell distance", "neighbor distance")
 
