@@ -21,6 +21,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
@@ -28,6 +29,7 @@ from ignite.engine import Events
 from torch import nn
 
 from common.augment import CutMixer
+from common.folders import failure_message, unreadable_input_cause
 from common.losses import cross_teaching_loss, gaussian_rampup
 
 __all__ = [
@@ -294,10 +296,22 @@ class FolderEvaluator(SupervisedEvaluator):
     """``SupervisedEvaluator`` for segmenting a folder: batches whose images could not be loaded arrive as
     ``{"failed": [messages]}`` (see :func:`common.folders.collate_skipping_failures`) and are skipped and logged;
     when the run completes, a ``RuntimeError`` names every failed file, so the process exits non-zero after the
-    good images were written."""
+    good images were written.
 
-    def __init__(self, *args, **kwargs):
+    Images listed under ``"whole_slide"`` (paths set aside unloaded by :class:`common.folders.TolerantDataset`)
+    are segmented tile by tile by ``whole_slide`` (:class:`common.wholeslide.WholeSlideSegmenter`) with this
+    engine's network, inferer, device and AMP setting; it writes them itself, so the ``postprocessing`` of the
+    engine never sees them. Their output item is ``{"pred": (1, H, W) int32 label, "image": an empty MetaTensor
+    whose metadata names the file}``, so handlers that report or collect labels see them as any other image.
+
+    Args:
+        whole_slide: the whole-slide segmenter, or None when no batch lists whole-slide images.
+        args, kwargs: everything ``SupervisedEvaluator`` takes.
+    """
+
+    def __init__(self, *args, whole_slide=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.whole_slide = whole_slide
         self.failures: list[str] = []
         self.add_event_handler(Events.COMPLETED, self._raise_on_failures)
 
@@ -306,10 +320,34 @@ class FolderEvaluator(SupervisedEvaluator):
         for message in failed:
             logger.error("skipped: %s", message)
         engine.failures.extend(failed)
+        whole_slides = batchdata.get("whole_slide", []) if isinstance(batchdata, dict) else []
+        outputs = [output for output in map(engine._segment_whole_slide, whole_slides) if output is not None]
         if Keys.IMAGE not in batchdata:
-            engine.state.output = {}
+            engine.state.output = outputs or {}
             return engine.state.output
-        return super()._iteration(engine, batchdata)
+        output = super()._iteration(engine, batchdata)
+        if outputs:
+            engine.state.output = [*outputs, *(output if isinstance(output, list) else [output])]
+        return engine.state.output
+
+    def _segment_whole_slide(self, path: str) -> dict | None:
+        """Segment one whole-slide image; None (and the failure recorded) when it cannot be read."""
+        if self.whole_slide is None:
+            raise RuntimeError(f"{path} was set aside for whole-slide mode but FolderEvaluator has no whole_slide")
+        autocast = torch.autocast("cuda", **self.amp_kwargs) if self.amp else contextlib.nullcontext()
+        try:
+            with self.mode(self.network), autocast:
+                labels = self.whole_slide.segment(path, self.inferer, self.network, self.state.device)
+        except Exception as error:
+            cause = unreadable_input_cause(error)
+            if cause is None:
+                raise
+            message = failure_message(path, cause)
+            logger.error("skipped: %s", message)
+            self.failures.append(message)
+            return None
+        named = MetaTensor(torch.zeros(0), meta={"filename_or_obj": str(path)})
+        return {Keys.PRED: torch.from_numpy(labels)[None], Keys.IMAGE: named}
 
     def _raise_on_failures(self, engine: FolderEvaluator) -> None:
         if engine.failures:

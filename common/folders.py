@@ -1,5 +1,5 @@
-"""Segmenting folders of images: the data list of a folder, a dataset that survives unreadable files, and
-the transform that writes ``<name>_label.tiff`` files."""
+"""Segmenting folders of images: the data list of a folder, a dataset that survives unreadable files and sets
+whole-slide images aside, and the transform that writes ``<name>_label.tiff`` files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ from monai.transforms import MapTransform
 
 from common.io import ImageReadError, image_name, list_images, write_label
 
-__all__ = ["folder_datalist", "TolerantDataset", "collate_skipping_failures", "SaveInstanceLabeld"]
+__all__ = [
+    "folder_datalist",
+    "TolerantDataset",
+    "collate_skipping_failures",
+    "unreadable_input_cause",
+    "failure_message",
+    "SaveInstanceLabeld",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,25 +35,38 @@ def folder_datalist(folder: str | Path) -> list[dict[str, str]]:
 class TolerantDataset(Dataset):
     """``monai.data.Dataset`` whose items that cannot be read (``ImageReadError``, or a ``ValueError`` such as
     a label that does not match its image) become ``{"failed": "<file>: <reason>"}`` instead of stopping the
-    run; pair it with :func:`collate_skipping_failures`."""
+    run; pair it with :func:`collate_skipping_failures`.
+
+    Args:
+        data, transform: as ``monai.data.Dataset``.
+        whole_slide: an object whose ``applies(path)`` says which images are segmented tile by tile
+            (``common.wholeslide.WholeSlideSegmenter``); those items become ``{"whole_slide": path}`` without
+            being loaded, so a big image is read once, by the process that segments it. None = no such images.
+    """
+
+    def __init__(self, data, transform=None, whole_slide=None):
+        super().__init__(data, transform)
+        self.whole_slide = whole_slide
 
     def _transform(self, index: int):
+        item = self.data[index]
+        if self.whole_slide is not None and isinstance(item, Mapping) and "image" in item:
+            if self.whole_slide.applies(item["image"]):
+                return {"whole_slide": item["image"]}
         try:
             return super()._transform(index)
         except Exception as error:
-            cause = _unreadable_input_cause(error)
+            cause = unreadable_input_cause(error)
             if cause is None:
                 raise
-            item = self.data[index]
             source = item.get("image", index) if isinstance(item, Mapping) else index
-            message = str(cause)
-            return {"failed": message if str(source) in message else f"{source}: {message}"}
+            return {"failed": failure_message(source, cause)}
 
 
 _UNREADABLE_INPUT = (ImageReadError, ValueError, OSError)
 
 
-def _unreadable_input_cause(error: BaseException) -> BaseException | None:
+def unreadable_input_cause(error: BaseException) -> BaseException | None:
     """The first error in ``error``'s chain that says an input file is bad (MONAI wraps transform errors in
     RuntimeErrors), or None when the failure is something else, which must not be swallowed."""
     while error is not None:
@@ -56,13 +76,21 @@ def _unreadable_input_cause(error: BaseException) -> BaseException | None:
     return None
 
 
+def failure_message(source: object, cause: BaseException) -> str:
+    """``"<file>: <reason>"``, without naming the file twice when the reason already does."""
+    message = str(cause)
+    return message if str(source) in message else f"{source}: {message}"
+
+
 def collate_skipping_failures(batch: list[dict]) -> dict:
-    """Collate the readable items of ``batch`` with MONAI's ``list_data_collate`` and list the failed ones under
-    ``"failed"``; a batch with no readable item is ``{"failed": [...]}`` alone."""
-    failed = [item["failed"] for item in batch if "failed" in item]
-    good = [item for item in batch if "failed" not in item]
+    """Collate the readable items of ``batch`` with MONAI's ``list_data_collate``; list the failed ones under
+    ``"failed"`` and the paths of whole-slide images under ``"whole_slide"``. A batch with no loaded item is
+    ``{"failed": [...], "whole_slide": [...]}`` alone."""
+    set_aside = ("failed", "whole_slide")
+    good = [item for item in batch if not any(key in item for key in set_aside)]
     collated = list_data_collate(good) if good else {}
-    collated["failed"] = failed
+    for key in set_aside:
+        collated[key] = [item[key] for item in batch if key in item]
     return collated
 
 
@@ -96,10 +124,14 @@ class SaveInstanceLabeld(MapTransform):
         meta = getattr(source, "meta", None) or {}
         if "filename_or_obj" not in meta:
             raise ValueError(f"'{self.meta_source_key}' carries no filename_or_obj metadata to name the output")
-        name = image_name(meta["filename_or_obj"])
         for key in self.key_iterator(d):
             label = d[key]
             array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-            path = write_label(self.output_dir / f"{name}{self.suffix}.tiff", np.squeeze(array, axis=0) if array.ndim == 3 else array)
-            logger.debug("wrote %s (%d cells)", path, int(np.count_nonzero(np.bincount(array.ravel())[1:])))
+            self.write(np.squeeze(array, axis=0) if array.ndim == 3 else array, meta["filename_or_obj"])
         return d
+
+    def write(self, label: np.ndarray, source: str | Path) -> Path:
+        """Write the (H, W) instance label of the image file ``source``; returns the written path."""
+        path = write_label(self.output_dir / f"{image_name(source)}{self.suffix}.tiff", label)
+        logger.debug("wrote %s", path)
+        return path

@@ -10,6 +10,7 @@ chooses the U-Net, the Swin-UNETR or their average.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, Sequence
 
 import torch
@@ -110,9 +111,27 @@ class MultiScaleInferer(Inferer):
 
     def scales_for(self, image: torch.Tensor) -> tuple[float, ...]:
         """The scales used for one (C, H, W) image."""
-        if self.fluorescence_rule and not bool(torch.any(image[0])):
-            return self.fluorescence_scales
-        return self.scales
+        return self._scales(first_channel_empty=not bool(torch.any(image[0])))
+
+    def _scales(self, first_channel_empty: bool) -> tuple[float, ...]:
+        return self.fluorescence_scales if self.fluorescence_rule and first_channel_empty else self.scales
+
+    def grid_step(self, largest: int = 100) -> int:
+        """The smallest pixel step k (up to ``largest``, else 1) with ``k * scale`` whole for every scale in use:
+        an image region starting and ending on multiples of k is resampled on the whole image's grid."""
+        scales = self.scales + (self.fluorescence_scales if self.fluorescence_rule else ())
+        for step in range(1, largest + 1):
+            if all(abs(step * scale - round(step * scale)) < 1e-6 for scale in scales):
+                return step
+        return 1
+
+    def for_whole_image(self, first_channel_empty: bool) -> MultiScaleInferer:
+        """A copy that runs every input at the scales of an image whose first channel is (or is not) all zero,
+        whatever the input holds: the tiles of a whole-slide image all run at the whole image's scales."""
+        fixed = copy.copy(self)
+        fixed.scales = self._scales(first_channel_empty)
+        fixed.fluorescence_rule = False
+        return fixed
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
         if inputs.ndim != 4:

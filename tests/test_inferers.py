@@ -146,6 +146,26 @@ def test_fluorescence_rule_uses_its_own_scales_when_first_channel_is_zero():
     assert MultiScaleInferer().scales_for(images[1]) == (0.8, 1.0, 1.2)
 
 
+def test_tiles_of_a_whole_image_run_at_the_whole_image_scales():
+    network = Pattern()
+    images = smooth_images(2, 40, 36, seed=5)
+    images[0, 0] = 0  # a tile whose first channel is empty, cut from an image whose first channel is not
+    inferer = MultiScaleInferer(roi_size=ROI)
+    ordinary, fluorescence = inferer.for_whole_image(first_channel_empty=False), inferer.for_whole_image(first_channel_empty=True)
+    assert [ordinary.scales_for(image) for image in images] == [(0.8, 1.0, 1.2)] * 2
+    assert [fluorescence.scales_for(image) for image in images] == [(1.5,)] * 2
+    with torch.no_grad():
+        expected = MultiScaleInferer(roi_size=ROI, fluorescence_rule=False)(images, network)
+        torch.testing.assert_close(ordinary(images, network), expected, atol=1e-6, rtol=0)
+    assert inferer.scales_for(images[0]) == (1.5,) and inferer.fluorescence_rule  # the original is unchanged
+    rule_off = MultiScaleInferer(fluorescence_rule=False).for_whole_image(first_channel_empty=True)
+    assert rule_off.scales == (0.8, 1.0, 1.2)
+    # tiles starting on multiples of 5 px are resampled at 0.8 and 1.2 on the whole image's grid; 2 px for 1.5
+    assert (ordinary.grid_step(), fluorescence.grid_step(), inferer.grid_step()) == (5, 2, 10)
+    assert MultiScaleInferer(scales=(0.77,), fluorescence_rule=False).grid_step() == 100
+    assert MultiScaleInferer(scales=(0.777,), fluorescence_rule=False).grid_step() == 1
+
+
 def test_metatensor_input_keeps_its_metadata():
     images = MetaTensor(smooth_images(1, 24, 30), meta={"filename_or_obj": "a.png"})
     with torch.no_grad():
