@@ -60,10 +60,11 @@ class TrainingCheckpointer:
             raise FileNotFoundError(f"resume_from: no checkpoint at {self.resume_from}")
 
     def _saver(self) -> DiskSaver:
-        return DiskSaver(str(self.save_dir), atomic=True, create_dir=True, require_empty=False)
+        return _ReplacingDiskSaver(str(self.save_dir), atomic=True, create_dir=True, require_empty=False)
 
     def attach(self, trainer: Engine) -> None:
-        everything = {**self.save_dict, "trainer": trainer}
+        self._best_checkpoints: list[Checkpoint] = []
+        everything = {**self.save_dict, "trainer": trainer, BEST_KEY: _BestScore(self._best_checkpoints)}
         if self.resume_from is not None:
             trainer.add_event_handler(Events.STARTED, self._resume, everything)
         if self.save_dir is None:
@@ -82,9 +83,12 @@ class TrainingCheckpointer:
         model = Checkpoint({self.model_key: network}, self._saver(), filename_pattern="model.{ext}", n_saved=1, score_function=key_metric)
         self.validator.add_event_handler(Events.COMPLETED, best)
         self.validator.add_event_handler(Events.COMPLETED, model)
+        self._best_checkpoints += [best, model]
 
     def _resume(self, trainer: Engine, everything: dict) -> None:
         checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True)
+        if BEST_KEY not in checkpoint:  # written before checkpoints remembered their best score
+            everything = {key: value for key, value in everything.items() if key != BEST_KEY}
         missing = sorted(set(everything) - set(checkpoint))
         if missing:
             raise KeyError(f"{self.resume_from} is not a full training checkpoint: it lacks {missing}")
@@ -98,3 +102,42 @@ class TrainingCheckpointer:
                 f"{requested_epochs} epochs to train further"
             )
         logger.info("resumed from %s after epoch %d (iteration %d)", self.resume_from, trainer.state.epoch, trainer.state.iteration)
+        best = everything.get(BEST_KEY)
+        if best is not None and best.score is not None:
+            logger.info("best validation score so far: %.4f (a new checkpoint_best.pt/model.pt needs more)", best.score)
+
+
+BEST_KEY = "best_score"
+
+
+class _BestScore:
+    """The best validation score of a run as checkpoint state, so that a resumed run replaces
+    ``checkpoint_best.pt``/``model.pt`` only when it beats the score they were saved with."""
+
+    def __init__(self, checkpoints: list[Checkpoint]):
+        self.checkpoints = checkpoints
+        self.score: float | None = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        scores = [item.priority for checkpoint in self.checkpoints for item in checkpoint._saved]
+        return {"score": torch.tensor(max(scores) if scores else float("nan"), dtype=torch.float64)}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        score = float(state["score"])
+        if score != score:  # NaN: the run had not validated yet
+            return
+        self.score = score
+        for checkpoint in self.checkpoints:
+            filename = checkpoint.filename_pattern.format(ext="pt")
+            checkpoint._saved = [Checkpoint.Item(priority=score, filename=filename)]
+
+
+class _ReplacingDiskSaver(DiskSaver):
+    """``DiskSaver`` whose ``remove`` accepts a file that is not there: a run resumed into another folder
+    remembers its best score but not the old folder's files."""
+
+    def remove(self, filename: str) -> None:
+        try:
+            super().remove(filename)
+        except FileNotFoundError:
+            pass

@@ -20,6 +20,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
+from common.evaluation import read_modalities
 from common.io import image_name, label_path_for, list_images
 
 __all__ = ["build_datalist", "read_licenses", "relative_posix", "save_datalist", "split_names"]
@@ -80,6 +81,12 @@ def read_licenses(folder: str | os.PathLike) -> dict[str, str]:
         return {row["name"]: row["license"].strip() for row in reader}
 
 
+def _folder_modalities(folder: str | os.PathLike) -> dict[str, str]:
+    """name -> modality from ``<folder>/modalities.csv``; empty when the folder has none."""
+    path = Path(folder) / "modalities.csv"
+    return read_modalities(path) if path.is_file() else {}
+
+
 def _licensed(names: Iterable[str], folder: Path, licenses: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """(names whose licence is in ``licenses``, the others); everything is licensed when ``licenses`` is None."""
     names = list(names)
@@ -124,6 +131,7 @@ def build_datalist(
     val_fraction: float = 0.2,
     seed: int = 0,
     licenses: Sequence[str] | None = None,
+    train_dirs: Iterable[str | os.PathLike] = (),
 ) -> dict[str, list[dict[str, str]]]:
     """Datalist of a labeled CellSeg folder (split by :func:`split_names`) and unlabeled image folders.
 
@@ -137,10 +145,13 @@ def build_datalist(
         unlabeled_dirs: image folders (their ``images/`` subfolder when present), in the order given.
         val_fraction, seed: see :func:`split_names`.
         licenses: licence names to keep (e.g. ``["CC0-1.0", "MIT", "BSD-3-Clause"]``); None keeps all images.
+        train_dirs: more labeled folders whose (licensed) images all go to training: a larger training pool
+            that leaves the validation split of ``labeled_dir`` as it is.
 
     Returns:
         {"training": [{"image", "label"}], "validation": [{"image", "label"}], "unlabeled": [{"image"}]}, plus
-        "evaluation_only": [{"image", "label"}] when ``licenses`` is given.
+        "evaluation_only": [{"image", "label"}] when ``licenses`` is given. Labeled entries also carry
+        "modality" when their folder's modalities.csv names it (for balanced sampling).
 
     Raises:
         FileNotFoundError: a missing folder, images without a label (all named), or, with ``licenses``, a
@@ -149,15 +160,33 @@ def build_datalist(
     """
     if isinstance(unlabeled_dirs, (str, os.PathLike)):
         unlabeled_dirs = [unlabeled_dirs]
+    if isinstance(train_dirs, (str, os.PathLike)):
+        train_dirs = [train_dirs]
     pairs = _labeled_pairs(Path(labeled_dir))
     usable, evaluation_only = _licensed(pairs, Path(labeled_dir), licenses)
     if not usable:
         raise ValueError(f"no labeled image in {labeled_dir} has one of the licences {list(licenses or [])}")
     training, validation = split_names(usable, val_fraction, seed)
+    modalities = _folder_modalities(labeled_dir)
+
+    def labeled_entry(image: Path, label: Path, modality: str | None) -> dict[str, str]:
+        item = {"image": relative_posix(image, base_dir), "label": relative_posix(label, base_dir)}
+        if modality:
+            item["modality"] = modality
+        return item
 
     def entry(name: str) -> dict[str, str]:
-        image, label = pairs[name]
-        return {"image": relative_posix(image, base_dir), "label": relative_posix(label, base_dir)}
+        return labeled_entry(*pairs[name], modalities.get(name))
+
+    extra_training = []
+    for folder in train_dirs:
+        folder_pairs = _labeled_pairs(Path(folder))
+        clashes = sorted(set(folder_pairs) & set(pairs))
+        if clashes:
+            raise ValueError(f"{folder} repeats image names of {labeled_dir}: {clashes[:5]}")
+        kept, _ = _licensed(folder_pairs, Path(folder), licenses)
+        folder_modalities = _folder_modalities(folder)
+        extra_training += [labeled_entry(*folder_pairs[name], folder_modalities.get(name)) for name in sorted(kept)]
 
     unlabeled = []
     for folder in unlabeled_dirs:
@@ -165,7 +194,7 @@ def build_datalist(
         kept, _ = _licensed(images, Path(folder), licenses)
         unlabeled += [{"image": relative_posix(images[name], base_dir)} for name in kept]
     datalist = {
-        "training": [entry(name) for name in training],
+        "training": [entry(name) for name in training] + extra_training,
         "validation": [entry(name) for name in validation],
         "unlabeled": unlabeled,
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from common.augment import CutMixer
 from common.folders import failure_message, unreadable_input_cause
 from common.losses import cross_teaching_loss, gaussian_rampup
+from common.precision import autocast, autocast_dtype
 
 __all__ = [
     "SemiSupervisedTrainer",
@@ -53,11 +55,25 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     Args:
         unlabeled_data_loader: loader of unlabeled batches (dicts), or None for supervised-only training.
         extra_optimizers: optimizers stepped after ``optimizer`` (e.g. the second network of a pair).
+        amp: "auto", True or False (see :mod:`common.precision`): float16 autocast with a gradient scaler on
+            CUDA, bfloat16 autocast on a CPU that runs it natively; losses are computed in float32.
         kwargs: everything ``SupervisedTrainer`` takes.
     """
 
-    def __init__(self, *args, unlabeled_data_loader=None, extra_optimizers: Sequence[torch.optim.Optimizer] = (), **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        *args,
+        unlabeled_data_loader=None,
+        extra_optimizers: Sequence[torch.optim.Optimizer] = (),
+        amp: Any = False,
+        **kwargs,
+    ):
+        device = kwargs.get("device", args[0] if args else "cpu")
+        dtype = autocast_dtype(amp, device)
+        # MONAI's own amp switch means "float16 with a gradient scaler on CUDA"; bfloat16 needs no scaler
+        super().__init__(*args, amp=dtype == torch.float16, **kwargs)
+        self.autocast_dtype = dtype
+        self.unlabeled_wait_seconds = 0.0  # time spent waiting for unlabeled batches (see common.throughput)
         self.unlabeled_data_loader = unlabeled_data_loader
         self.extra_optimizers = list(extra_optimizers)
         self._unlabeled_iterator = None
@@ -71,6 +87,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         """The next unlabeled batch moved to the engine's device, or None without an unlabeled loader."""
         if self.unlabeled_data_loader is None:
             return None
+        started = time.perf_counter()
         if self._unlabeled_iterator is None:
             self._unlabeled_iterator = iter(self.unlabeled_data_loader)
         try:
@@ -82,6 +99,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                 sampler.set_epoch(self._unlabeled_epoch)
             self._unlabeled_iterator = iter(self.unlabeled_data_loader)
             batch = next(self._unlabeled_iterator)
+        self.unlabeled_wait_seconds += time.perf_counter() - started
         return {
             key: value.to(self.state.device, non_blocking=self.non_blocking) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()
@@ -110,7 +128,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         for optimizer in engine.optimizers:
             optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         scaler = engine.scaler if engine.amp else None
-        with torch.autocast("cuda", **engine.amp_kwargs) if scaler is not None else contextlib.nullcontext():
+        with autocast(engine.autocast_dtype, engine.state.device):
             engine.state.output[Keys.PRED], losses = engine.compute_losses(inputs, targets)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output[Keys.LOSS] = losses["loss"]
@@ -334,9 +352,10 @@ class FolderEvaluator(SupervisedEvaluator):
         """Segment one whole-slide image; None (and the failure recorded) when it cannot be read."""
         if self.whole_slide is None:
             raise RuntimeError(f"{path} was set aside for whole-slide mode but FolderEvaluator has no whole_slide")
-        autocast = torch.autocast("cuda", **self.amp_kwargs) if self.amp else contextlib.nullcontext()
+        # the inferer carries the bundles' amp setting (common.precision); this is MONAI's own CUDA switch
+        engine_autocast = torch.autocast("cuda", **self.amp_kwargs) if self.amp else contextlib.nullcontext()
         try:
-            with self.mode(self.network), autocast:
+            with self.mode(self.network), engine_autocast:
                 labels = self.whole_slide.segment(path, self.inferer, self.network, self.state.device)
         except Exception as error:
             cause = unreadable_input_cause(error)

@@ -9,7 +9,6 @@ chooses the U-Net, the Swin-UNETR or their average.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any, Callable, Sequence
 
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import convert_to_dst_type
+
+from common.precision import autocast, autocast_dtype
 
 __all__ = ["MultiScaleInferer"]
 
@@ -70,7 +71,8 @@ class MultiScaleInferer(Inferer):
         fluorescence_rule: whether to apply that rule at all.
         stitch_device: where windows are stitched and the result is kept (e.g. "cpu" for whole-slide images
             on a small GPU); None = the inputs' device. The network always runs on the inputs' device.
-        autocast: run the network in float16 autocast when the inputs are on CUDA.
+        amp: "auto", True or False: the network's autocast (float16 on CUDA, bfloat16 on a CPU that runs it
+            natively; see :mod:`common.precision`); stitching and fusion stay float32.
         progress: show MONAI's per-scale sliding-window progress bar.
 
     Call ``inferer(inputs, network)`` with inputs (B, 3, H, W) float; returns (B, 5, H, W) float32
@@ -88,7 +90,7 @@ class MultiScaleInferer(Inferer):
         fluorescence_scales: Sequence[float] = (1.5,),
         fluorescence_rule: bool = True,
         stitch_device: torch.device | str | None = None,
-        autocast: bool = True,
+        amp: Any = "auto",
         progress: bool = False,
     ):
         super().__init__()
@@ -106,7 +108,8 @@ class MultiScaleInferer(Inferer):
         self.fluorescence_scales = _check_scales(fluorescence_scales, "fluorescence_scales")
         self.fluorescence_rule = fluorescence_rule
         self.stitch_device = stitch_device
-        self.autocast = autocast
+        autocast_dtype(amp, "cpu")  # rejects a bad setting now, not at the first image
+        self.amp = amp
         self.progress = progress
 
     def scales_for(self, image: torch.Tensor) -> tuple[float, ...]:
@@ -145,13 +148,12 @@ class MultiScaleInferer(Inferer):
         return fused
 
     def _predictor(self, network: Callable[..., torch.Tensor], device: torch.device, *args, **kwargs):
-        use_autocast = self.autocast and device.type == "cuda"
+        dtype = autocast_dtype(self.amp, device)
 
         def predict(windows: torch.Tensor) -> torch.Tensor:
-            context = torch.autocast("cuda", dtype=torch.float16) if use_autocast else contextlib.nullcontext()
-            with context:
+            with autocast(dtype, device):
                 logits = network(windows, *args, **kwargs)
-            # stitch in float32: fp16 sums over many overlapping windows lose precision
+            # stitch in float32: half-precision sums over many overlapping windows lose precision
             return logits.float()
 
         return predict

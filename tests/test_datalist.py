@@ -177,3 +177,28 @@ def test_licence_filter_needs_a_modalities_file(tmp_path):
     assert _names(datalist["training"]) == {"a"} and _names(datalist["evaluation_only"]) == {"b"}
     with pytest.raises(ValueError, match="no labeled image"):
         build_datalist(folder, tmp_path, licenses=["CC0-1.0"])
+
+
+def test_train_dirs_add_training_images_and_leave_the_validation_split_alone(tmp_path, dev_dir, unlabeled_dir):
+    allowed = ["CC0-1.0", "MIT", "BSD-3-Clause"]
+    pool = _small_labeled_folder(tmp_path / "pool", ["p1.png", "p2.tif", "p3.png"], ["p1_label.tiff", "p2_label.tiff", "p3_label.tiff"])
+    (pool / "modalities.csv").write_text(
+        "name,modality,source,license\np1,fluorescence (nuclei),x,CC0-1.0\np2,phase-contrast (whole cells),x,MIT\np3,brightfield (H&E),x,unknown\n"
+    )
+    alone = build_datalist(dev_dir, tmp_path, [unlabeled_dir], val_fraction=0.25, seed=0, licenses=allowed)
+    pooled = build_datalist(dev_dir, tmp_path, [unlabeled_dir], val_fraction=0.25, seed=0, licenses=allowed, train_dirs=[pool])
+    assert pooled["validation"] == alone["validation"]
+    assert _names(pooled["training"]) == _names(alone["training"]) | {"p1", "p2"}  # p3's licence keeps it out
+    modality = {Path(item["image"]).stem: item.get("modality") for item in pooled["training"]}
+    assert modality["p1"] == "fluorescence (nuclei)" and modality["p2"] == "phase-contrast (whole cells)"
+    assert all(item.get("modality") for item in pooled["training"])  # dev's own rows carry theirs too
+    # a pool that repeats a name of the labeled folder would put one image in training and validation
+    clash = _small_labeled_folder(tmp_path / "clash", ["dsb_52a6b8ae4c8e.png"], ["dsb_52a6b8ae4c8e_label.tiff"])
+    with pytest.raises(ValueError, match="repeats image names"):
+        build_datalist(dev_dir, tmp_path, train_dirs=[clash])
+    # the tool takes a list of pool folders
+    output = tmp_path / "tool" / "datalist.json"
+    fire.Fire(_tool().main, command=["--labeled_dir", str(dev_dir), "--output", str(output), "--val_fraction", "0.25",
+                                     "--train_dirs", f"[{pool}]", "--licenses", "[CC0-1.0,MIT,BSD-3-Clause]"])
+    written = json.loads(output.read_text())
+    assert len(written["training"]) == len(alone["training"]) + 2

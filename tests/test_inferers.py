@@ -188,8 +188,8 @@ def test_invalid_arguments_are_refused():
 def test_cuda_autocast_returns_float32_close_to_full_precision():
     network, images = Pointwise().cuda(), smooth_images(1, 80, 70).cuda()
     with torch.no_grad():
-        half = MultiScaleInferer(roi_size=ROI, autocast=True)(images, network)
-        full = MultiScaleInferer(roi_size=ROI, autocast=False)(images, network)
+        half = MultiScaleInferer(roi_size=ROI, amp=True)(images, network)
+        full = MultiScaleInferer(roi_size=ROI, amp=False)(images, network)
         on_cpu = MultiScaleInferer(roi_size=ROI, stitch_device="cpu")(images, network)
     assert half.dtype == torch.float32 and half.is_cuda and on_cpu.device.type == "cpu"
     assert (half - full).abs().max() < 1e-2

@@ -102,6 +102,22 @@ def test_resume_continues_from_the_saved_epoch_with_identical_weights(trained_ru
     assert resumed_state["iteration"] == 3 * resumed_state["epoch_length"]
 
 
+@pytest.mark.parametrize("remembered, replaced", [(2.0, False), (-1.0, True)])
+def test_a_resumed_run_replaces_the_best_model_only_when_it_beats_the_remembered_score(trained_run, tmp_path, remembered, replaced):
+    folder, _ = trained_run
+    checkpoint = torch.load(folder / "run" / "checkpoint_last.pt", weights_only=True)
+    assert math.isfinite(float(checkpoint["best_score"]["score"]))  # the run validated, and its checkpoint says how well
+    checkpoint["best_score"]["score"] = torch.tensor(remembered, dtype=torch.float64)  # F1 lies in [0, 1]
+    torch.save(checkpoint, tmp_path / "remembering.pt")
+    workflow = train_workflow(folder / "data", tmp_path / "resumed", epochs=3, resume_from=str(tmp_path / "remembering.pt"))
+    workflow.run()
+    workflow.finalize()
+    assert (tmp_path / "resumed" / "model.pt").is_file() == replaced
+    assert (tmp_path / "resumed" / "checkpoint_best.pt").is_file() == replaced
+    kept = float(torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["best_score"]["score"])
+    assert kept == remembered if not replaced else 0.0 <= kept <= 1.0
+
+
 def inference_settings(folder):
     return {"features": FEATURES, "roi_size": [64, 64], "num_workers": 0, "checkpoint": str(folder / "run" / "model.pt")}
 

@@ -4,6 +4,7 @@
     python tools/benchmark.py metric [--size 2048] [--cells 5000] [--seed 0] [--repeats 3]
     python tools/benchmark.py inference [--size 1024] [--threads N]
     python tools/benchmark.py wsi [--size 10000] [--bundles mt2,crossct] [--threads N] [--overrides '{...}']
+    python tools/benchmark.py training [--bundles mt2,crossct] [--steps 10] [--force_bf16]   (tools/training_benchmark.py)
 
 ``inference`` and ``wsi`` use the bundles' inference configs with their default settings and the shipped
 ``models/model.pt`` when there is one, else randomly initialized weights (speed and memory do not depend on them).
@@ -37,6 +38,9 @@ from tqdm import tqdm
 from common.io import label_path_for, read_image, read_label
 from common.metrics import MatchCounts, challenge_counts, remove_border_instances
 from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map, three_class_map
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ itself, also when loaded by path (tests)
+from training_benchmark import training  # noqa: E402
 
 # Share of the image the ellipses cover before they are grown into contact: far enough below the jamming limit
 # of random sequential placement that rejection sampling finds room for every cell quickly.
@@ -433,7 +437,7 @@ def wsi(size: int = 10000, bundles: str | Sequence[str] = ("mt2", "crossct"), th
             print(json.dumps(line), flush=True)
 
 
-COMMANDS = {"targets": targets, "metric": metric, "inference": inference, "wsi": wsi}
+COMMANDS = {"targets": targets, "metric": metric, "inference": inference, "wsi": wsi, "training": training}
 
 if __name__ == "__main__":
     fire.Fire(COMMANDS)

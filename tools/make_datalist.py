@@ -5,6 +5,11 @@ Example::
     python tools/make_datalist.py --labeled_dir ../shared/data/cellseg-dev \
         --unlabeled_dirs "[../shared/data/cellseg-unlabeled]" --output data/datalist.json --val_fraction 0.2 --seed 0
 
+    # the shipped weights' pool: the licensed dev rows split as before, plus all of cellseg-train for training
+    python tools/make_datalist.py --labeled_dir ../shared/data/cellseg-dev --train_dirs "[../shared/data/cellseg-train]" \
+        --unlabeled_dirs "[../shared/data/cellseg-unlabeled]" --output data/datalist.json --val_fraction 0.25 \
+        --seed 0 --licenses "[CC0-1.0,MIT,BSD-3-Clause]"
+
 Paths in the file are relative to ``--base_dir`` (default: the output file's folder).
 """
 
@@ -38,6 +43,7 @@ def main(
     val_fraction: float = 0.2,
     seed: int = 0,
     licenses: str | list[str] | tuple[str, ...] | None = None,
+    train_dirs: str | list[str] | tuple[str, ...] | None = None,
 ) -> None:
     """Build the datalist and write it to ``output``.
 
@@ -50,6 +56,8 @@ def main(
         seed: seed of the split.
         licenses: keep only images whose licence in each folder's modalities.csv is one of these, e.g.
             "[CC0-1.0,MIT,BSD-3-Clause]"; the other labeled images are listed under "evaluation_only".
+        train_dirs: more labeled folders "[D1,D2]" (images/ + labels/) added to "training" whole; the
+            validation split stays that of ``labeled_dir``.
     """
     if base_dir is None:
         base_dir = Path(output).absolute().parent
@@ -61,6 +69,7 @@ def main(
             val_fraction=float(val_fraction),
             seed=int(seed),
             licenses=None if licenses is None else _folder_list(licenses),
+            train_dirs=_folder_list(train_dirs),
         )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"make_datalist: {error}") from error

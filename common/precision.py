@@ -1,0 +1,96 @@
+"""Mixed precision as one setting, ``amp``, shared by training, validation, inference and whole-slide tiling.
+
+``amp`` is ``"auto"``, ``True`` or ``False`` (or their strings, as the command line gives them):
+
+- ``"auto"``: float16 autocast on CUDA (with a gradient scaler in training); bfloat16 autocast on a CPU whose
+  oneDNN build reports native bfloat16 support (AVX-512 BF16 or AMX); float32 elsewhere. On a CPU without
+  native bfloat16 the emulated kernels are an order of magnitude SLOWER than float32, which is why "auto"
+  asks torch and never assumes.
+- ``True``: float16 on CUDA, bfloat16 on any CPU, even a slow one.
+- ``False``: float32 everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.inferers import Inferer
+
+__all__ = ["cpu_has_native_bfloat16", "autocast_dtype", "autocast", "AutocastInferer"]
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether torch's oneDNN runs bfloat16 natively on this CPU (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the oneDNN query
+        return False
+
+
+def _setting(amp: Any) -> str:
+    text = str(amp).strip().lower()
+    if text in ("auto",):
+        return "auto"
+    if text in ("true", "yes", "on", "1"):
+        return "true"
+    if text in ("false", "no", "off", "0", "none"):
+        return "false"
+    raise ValueError(f"amp must be auto, true or false, got {amp!r}")
+
+
+def autocast_dtype(amp: Any, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype that ``amp`` means on ``device``, or None for float32.
+
+    Args:
+        amp: "auto", True/False or their strings.
+        device: where the network runs.
+
+    Returns:
+        torch.float16 (CUDA), torch.bfloat16 (CPU) or None.
+    """
+    setting = _setting(amp)
+    if setting == "false":
+        return None
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return torch.float16
+    if device_type == "cpu" and (setting == "true" or cpu_has_native_bfloat16()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device | str):
+    """A ``torch.autocast`` context for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+class AutocastInferer(Inferer):
+    """Runs another inferer's network calls under the autocast that ``amp`` means on the inputs' device, and
+    returns float32, so post-processing and stitching never see a half-precision tensor.
+
+    Args:
+        inferer: the wrapped inferer (``SlidingWindowInferer``, :class:`common.inferers.MultiScaleInferer`, ...).
+        amp: "auto", True or False (see the module docstring).
+    """
+
+    def __init__(self, inferer: Inferer, amp: Any = "auto"):
+        super().__init__()
+        _setting(amp)
+        self.inferer = inferer
+        self.amp = amp
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+        dtype = autocast_dtype(self.amp, inputs.device)
+        if dtype is None:
+            return self.inferer(inputs, network, *args, **kwargs)
+
+        def half_precision_network(windows: torch.Tensor, *net_args: Any, **net_kwargs: Any) -> torch.Tensor:
+            with autocast(dtype, windows.device):
+                outputs = network(windows, *net_args, **net_kwargs)
+            return outputs.float()  # stitch and post-process in float32
+
+        return self.inferer(inputs, half_precision_network, *args, **kwargs)

@@ -1,0 +1,66 @@
+"""The ``amp`` setting: which dtype it means where, and bfloat16 against float32 on a real image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.networks.nets import BasicUNet
+
+from common.intensity import normalize_whole, to_three_channels
+from common.io import read_image, read_label
+from common.losses import CrossCTSupervisedLoss
+from common.precision import AutocastInferer, autocast_dtype, cpu_has_native_bfloat16
+from common.targets import cell_distance_map, neighbor_distance_map, three_class_map
+
+
+def test_amp_settings_mean_the_documented_dtypes():
+    assert autocast_dtype("false", "cpu") is None and autocast_dtype(False, "cuda") is None
+    assert autocast_dtype(True, "cpu") is torch.bfloat16 and autocast_dtype("true", "cuda") is torch.float16
+    assert autocast_dtype("auto", "cuda") is torch.float16
+    # on a CPU without native bfloat16 the emulated kernels are far slower than float32: auto must not pick it
+    assert autocast_dtype("auto", "cpu") is (torch.bfloat16 if cpu_has_native_bfloat16() else None)
+    with pytest.raises(ValueError, match="amp must be"):
+        autocast_dtype("fast", "cpu")
+
+
+def _real_patch(dev_dir, name="dsb_9774c8239632.png", size=48):
+    image = to_three_channels(read_image(dev_dir / "images" / name))
+    image = normalize_whole(image)[:, :size, :size]
+    label = read_label(dev_dir / "labels" / name.replace(".png", "_label.tiff"))[:size, :size]
+    return torch.from_numpy(image)[None].float(), label
+
+
+def test_bfloat16_inference_agrees_with_float32_on_a_real_image(dev_dir):
+    image, _ = _real_patch(dev_dir)
+    torch.manual_seed(0)
+    network = BasicUNet(spatial_dims=2, in_channels=3, out_channels=5, features=(4, 4, 8, 8, 16, 4)).eval()
+    window = SlidingWindowInferer(roi_size=(32, 32), sw_batch_size=2, overlap=0.25)
+    with torch.no_grad():
+        full = AutocastInferer(window, amp=False)(image, network)
+        half = AutocastInferer(window, amp=True)(image, network)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    relative = (half - full).abs().max() / full.abs().max()
+    assert relative < 0.05, f"bfloat16 outputs differ from float32 by {relative:.3f} of the largest output"
+    assert relative > 0  # it did run in reduced precision
+
+
+def test_a_few_bfloat16_training_steps_lower_the_loss_on_a_fixed_real_batch(dev_dir):
+    image, label = _real_patch(dev_dir)
+    maps = [three_class_map(label), cell_distance_map(label), neighbor_distance_map(label)]
+    target = torch.from_numpy(np.stack(maps).astype(np.float32))[None]
+    torch.manual_seed(0)
+    network = BasicUNet(spatial_dims=2, in_channels=3, out_channels=5, features=(4, 4, 8, 8, 16, 4))
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    loss_function = CrossCTSupervisedLoss()
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = network(image)
+        loss = loss_function(logits.float(), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
