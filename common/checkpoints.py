@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = ["TrainingCheckpointer"]
 
@@ -64,7 +65,7 @@ class TrainingCheckpointer:
 
     def attach(self, trainer: Engine) -> None:
         self._best_checkpoints: list[Checkpoint] = []
-        everything = {**self.save_dict, "trainer": trainer, BEST_KEY: _BestScore(self._best_checkpoints)}
+        everything = {**self.save_dict, "trainer": trainer, BEST_KEY: _BestScore(self._best_checkpoints, self._latest_score)}
         if self.resume_from is not None:
             trainer.add_event_handler(Events.STARTED, self._resume, everything)
         if self.save_dir is None:
@@ -75,8 +76,7 @@ class TrainingCheckpointer:
             return
 
         def key_metric(_: Engine) -> float:
-            validator = self.validator
-            return float(validator.state.metrics[validator.state.key_metric_name])
+            return self._latest_score()
 
         best = Checkpoint(everything, self._saver(), filename_pattern="checkpoint_best.{ext}", n_saved=1, score_function=key_metric)
         network: nn.Module = self.save_dict[self.model_key]
@@ -84,6 +84,14 @@ class TrainingCheckpointer:
         self.validator.add_event_handler(Events.COMPLETED, best)
         self.validator.add_event_handler(Events.COMPLETED, model)
         self._best_checkpoints += [best, model]
+
+    def _latest_score(self) -> float | None:
+        """The validator's key metric from its latest run; None before the first validation."""
+        state = getattr(self.validator, "state", None)
+        name = getattr(state, "key_metric_name", None)
+        if name is None or name not in state.metrics:
+            return None
+        return float(state.metrics[name])
 
     def _resume(self, trainer: Engine, everything: dict) -> None:
         checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True)
@@ -93,7 +101,10 @@ class TrainingCheckpointer:
         if missing:
             raise KeyError(f"{self.resume_from} is not a full training checkpoint: it lacks {missing}")
         requested_epochs = trainer.state.max_epochs
+        schedules = {key: obj.state_dict() for key, obj in everything.items() if isinstance(obj, LRScheduler)}
         Checkpoint.load_objects(to_load=everything, checkpoint=checkpoint)
+        for key, configured in schedules.items():
+            _follow_configured_schedule(everything[key], configured)
         # the checkpoint carries its run's max_epochs; this run's setting decides how long to go on
         trainer.state.max_epochs = requested_epochs
         if trainer.state.epoch >= requested_epochs:
@@ -108,18 +119,42 @@ class TrainingCheckpointer:
 
 
 BEST_KEY = "best_score"
+_SCHEDULE_PROGRESS = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step")
+
+
+def _follow_configured_schedule(scheduler: LRScheduler, configured: Mapping[str, object]) -> None:
+    """Keep a resumed scheduler's progress (its step) but this run's settings (e.g. a cosine ``T_max`` for more
+    epochs, another base learning rate), and set the optimizer's rates to where that schedule stands, so that
+    asking a resumed run for more epochs stretches the schedule instead of restarting its cycle past the end."""
+    progress = {name: value for name, value in scheduler.__dict__.items() if name in _SCHEDULE_PROGRESS}
+    scheduler.__dict__.update({name: value for name, value in configured.items() if name not in _SCHEDULE_PROGRESS})
+    scheduler.__dict__.update(progress)
+    closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+    if closed_form is None:
+        return
+    rates = closed_form()
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = list(rates)
 
 
 class _BestScore:
     """The best validation score of a run as checkpoint state, so that a resumed run replaces
-    ``checkpoint_best.pt``/``model.pt`` only when it beats the score they were saved with."""
+    ``checkpoint_best.pt``/``model.pt`` only when it beats the score they were saved with.
 
-    def __init__(self, checkpoints: list[Checkpoint]):
+    ``latest_score`` gives the validator's latest score (or None): ignite asks for the state before it records
+    the checkpoint it is writing, so the best checkpoint's own score is the latest one, not yet a saved one.
+    """
+
+    def __init__(self, checkpoints: list[Checkpoint], latest_score: Callable[[], float | None]):
         self.checkpoints = checkpoints
+        self.latest_score = latest_score
         self.score: float | None = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        scores = [item.priority for checkpoint in self.checkpoints for item in checkpoint._saved]
+        scores = [priority for checkpoint in self.checkpoints for priority, _ in checkpoint.state_dict()["_saved"]]
+        latest = self.latest_score()
+        scores += [] if latest is None else [latest]
         return {"score": torch.tensor(max(scores) if scores else float("nan"), dtype=torch.float64)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -129,7 +164,7 @@ class _BestScore:
         self.score = score
         for checkpoint in self.checkpoints:
             filename = checkpoint.filename_pattern.format(ext="pt")
-            checkpoint._saved = [Checkpoint.Item(priority=score, filename=filename)]
+            checkpoint.load_state_dict({"_saved": [(score, filename)]})
 
 
 class _ReplacingDiskSaver(DiskSaver):

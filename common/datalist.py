@@ -82,9 +82,14 @@ def read_licenses(folder: str | os.PathLike) -> dict[str, str]:
 
 
 def _folder_modalities(folder: str | os.PathLike) -> dict[str, str]:
-    """name -> modality from ``<folder>/modalities.csv``; empty when the folder has none."""
+    """name -> modality from ``<folder>/modalities.csv``; empty when the folder has none or the file
+    lists licences only (no ``modality`` column)."""
     path = Path(folder) / "modalities.csv"
-    return read_modalities(path) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    return read_modalities(path) if "modality" in header else {}
 
 
 def _licensed(names: Iterable[str], folder: Path, licenses: Sequence[str] | None) -> tuple[list[str], list[str]]:

@@ -3,6 +3,9 @@
 - :class:`MultiScaleInferer` — MT²'s test-time procedure: sliding-window inference at several scales, each
   resized back to the input size, fused per pixel by the maximum of ``sigmoid(cell) - sigmoid(boundary)``.
   It returns PROBABILITIES, not logits: follow it with ``common.postprocess.MT2Watershedd(sigmoid=False)``.
+- :func:`flip_averaged` — test-time augmentation by flips: each window is run as it is and flipped along
+  H, W and both, and the unflipped outputs are averaged (``MultiScaleInferer(flips=True)``, or
+  :class:`FlipAveragingInferer` around any other inferer).
 CrossCT uses ``monai.inferers.SlidingWindowInferer`` directly on ``common.networks.CrossCTNetworks``, which
 chooses the U-Net, the Swin-UNETR or their average.
 """
@@ -19,13 +22,57 @@ from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import convert_to_dst_type
 
 from common.precision import autocast, autocast_dtype
+from common.workflows import flag
 
-__all__ = ["MultiScaleInferer"]
+__all__ = ["MultiScaleInferer", "FlipAveragingInferer", "flip_averaged"]
 
 # Output layout of the MT² network (common.networks.MT2_CHANNELS).
 _CLASS_CHANNELS = slice(0, 3)
 _CELL, _BOUNDARY = 3, 4
 _NUM_OUTPUTS = 5
+# the flips of a (..., H, W) window: as it is, along W, along H, along both
+_FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
+def flip_averaged(network: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``network`` made flip-invariant: its float32 outputs on the window and its three flips (along H, W, both),
+    each flipped back, averaged. Every output channel must be a map that flips with the image (classes,
+    heat-maps, distances), as in both bundles. Costs four network calls per window.
+
+    Args:
+        network: called as ``network(windows, *args, **kwargs)`` on (B, C, h, w) windows, returning (B, K, h, w).
+
+    Returns:
+        A callable with the same signature returning (B, K, h, w) float32.
+    """
+
+    def predict(windows: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        total = None
+        for dims in _FLIP_DIMS:
+            outputs = network(torch.flip(windows, dims) if dims else windows, *args, **kwargs).float()
+            outputs = torch.flip(outputs, dims) if dims else outputs
+            total = outputs if total is None else total + outputs
+        return total / len(_FLIP_DIMS)
+
+    return predict
+
+
+class FlipAveragingInferer(Inferer):
+    """Runs another inferer with :func:`flip_averaged` applied to the network (``flips`` true), or passes
+    straight through (``flips`` false), so a config can switch test-time flips with one setting.
+
+    Args:
+        inferer: the wrapped inferer (e.g. MONAI's ``SlidingWindowInferer``).
+        flips: whether to average over flips; True, False or their strings.
+    """
+
+    def __init__(self, inferer: Inferer, flips: Any = False):
+        super().__init__()
+        self.inferer = inferer
+        self.flips = flag(flips)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+        return self.inferer(inputs, flip_averaged(network) if self.flips else network, *args, **kwargs)
 
 
 def _check_scales(scales: Sequence[float], name: str) -> tuple[float, ...]:
@@ -74,6 +121,8 @@ class MultiScaleInferer(Inferer):
         amp: "auto", True or False: the network's autocast (float16 on CUDA, bfloat16 on a CPU that runs it
             natively; see :mod:`common.precision`); stitching and fusion stay float32.
         progress: show MONAI's per-scale sliding-window progress bar.
+        flips: test-time augmentation: each window's logits averaged over it and its flips along H, W and both
+            (:func:`flip_averaged`; four network calls per window).
 
     Call ``inferer(inputs, network)`` with inputs (B, 3, H, W) float; returns (B, 5, H, W) float32
     PROBABILITIES in [0, 1] (channels 0-2 sum to 1) on ``stitch_device``; a MetaTensor input gives a
@@ -92,6 +141,7 @@ class MultiScaleInferer(Inferer):
         stitch_device: torch.device | str | None = None,
         amp: Any = "auto",
         progress: bool = False,
+        flips: Any = False,
     ):
         super().__init__()
         if mode not in ("constant", "gaussian"):
@@ -111,6 +161,7 @@ class MultiScaleInferer(Inferer):
         autocast_dtype(amp, "cpu")  # rejects a bad setting now, not at the first image
         self.amp = amp
         self.progress = progress
+        self.flips = flag(flips)
 
     def scales_for(self, image: torch.Tensor) -> tuple[float, ...]:
         """The scales used for one (C, H, W) image."""
@@ -149,6 +200,7 @@ class MultiScaleInferer(Inferer):
 
     def _predictor(self, network: Callable[..., torch.Tensor], device: torch.device, *args, **kwargs):
         dtype = autocast_dtype(self.amp, device)
+        network = flip_averaged(network) if self.flips else network
 
         def predict(windows: torch.Tensor) -> torch.Tensor:
             with autocast(dtype, device):

@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 from monai.inferers import Inferer
 
+from common.workflows import flag
+
 __all__ = ["cpu_has_native_bfloat16", "autocast_dtype", "autocast", "AutocastInferer"]
 
 
@@ -30,14 +32,12 @@ def cpu_has_native_bfloat16() -> bool:
 
 
 def _setting(amp: Any) -> str:
-    text = str(amp).strip().lower()
-    if text in ("auto",):
+    if str(amp).strip().lower() == "auto":
         return "auto"
-    if text in ("true", "yes", "on", "1"):
-        return "true"
-    if text in ("false", "no", "off", "0", "none"):
-        return "false"
-    raise ValueError(f"amp must be auto, true or false, got {amp!r}")
+    try:
+        return "true" if flag(amp) else "false"
+    except ValueError:
+        raise ValueError(f"amp must be auto, true or false, got {amp!r}") from None
 
 
 def autocast_dtype(amp: Any, device: torch.device | str) -> torch.dtype | None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from torch import nn
 
-from common.inferers import MultiScaleInferer
+from common.inferers import FlipAveragingInferer, MultiScaleInferer
 from common.io import read_image
 from common.networks import MultiHeadUNetPlusPlus
 from common.postprocess import MT2Watershedd
@@ -206,3 +206,67 @@ def test_real_image_gives_probabilities_the_mt2_watershed_accepts(dev_pairs):
     assert_probabilities(out, (1, 5, 256, 320))
     labels = MT2Watershedd(keys="pred", sigmoid=False)({"pred": out[0]})["pred"]
     assert tuple(np.asarray(labels).shape[-2:]) == (256, 320)
+
+
+def _same_partition(first: np.ndarray, second: np.ndarray) -> float:
+    """Share of pixels on which two instance labelings agree once ids are matched one to one (background 0)."""
+    pairs = np.stack([first.ravel(), second.ravel()], axis=1)
+    unique, counts = np.unique(pairs, axis=0, return_counts=True)
+    agreeing = 0
+    used_first, used_second = set(), set()
+    for (a, b), count in sorted(zip(map(tuple, unique), counts), key=lambda item: -item[1]):
+        if (a == 0) != (b == 0) or a in used_first or b in used_second:
+            continue
+        used_first.add(a)
+        used_second.add(b)
+        agreeing += count
+    return agreeing / first.size
+
+
+def test_flip_averaging_makes_the_shipped_network_flip_equivariant_on_a_real_image(dev_pairs):
+    """With test-time flips, segmenting a flipped real image gives the flipped segmentation (shipped weights)."""
+    from pathlib import Path
+
+    from common.intensity import normalize_per_channel, to_three_channels
+    from common.postprocess import mt2_watershed
+
+    weights = Path(__file__).resolve().parents[1] / "bundles" / "mt2_cell_segmentation" / "models" / "model.pt"
+    network = MultiHeadUNetPlusPlus(features=(16, 16, 32, 64, 128, 16)).eval()
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    image_path = next(path for path, _ in dev_pairs if min(read_image(path).shape[1:]) >= 256)
+    image = normalize_per_channel(to_three_channels(read_image(image_path)))[:, :256, :256]
+    inputs = torch.from_numpy(np.ascontiguousarray(image)).float()[None]
+
+    def segment(batch, flips):
+        inferer = MultiScaleInferer(roi_size=256, scales=(1.0,), fluorescence_rule=False, amp=False, flips=flips)
+        with torch.no_grad():
+            probabilities = inferer(batch, network)[0].numpy()
+        return probabilities, mt2_watershed(probabilities[3], probabilities[4], min_seed_size=16)
+
+    for dims in ((-1,), (-2,)):
+        probability_axis = dims[0] + 3  # of (5, H, W)
+        plain, labels = segment(inputs, flips=True)
+        flipped, flipped_labels = segment(torch.flip(inputs, dims), flips=True)
+        np.testing.assert_allclose(np.flip(flipped, axis=probability_axis), plain, atol=1e-4)
+        assert labels.max() > 5  # a real segmentation, not an empty one
+        assert _same_partition(np.flip(flipped_labels, axis=probability_axis - 1), labels) > 0.999
+    # without flips the network alone is not equivariant: the check above has something to find
+    plain, _ = segment(inputs, flips=False)
+    flipped, _ = segment(torch.flip(inputs, (-1,)), flips=False)
+    assert np.abs(np.flip(flipped, axis=2) - plain).max() > 1e-3
+
+
+def test_flip_averaging_inferer_averages_the_four_flips_of_a_sliding_window_network():
+    from monai.inferers import SlidingWindowInferer
+
+    torch.manual_seed(0)
+    network = nn.Conv2d(3, 5, 3, padding=1).eval()
+    image = torch.rand(1, 3, 40, 40)
+    inferer = SlidingWindowInferer(roi_size=40)
+    with torch.no_grad():
+        averaged = FlipAveragingInferer(inferer, flips="true")(image, network)
+        expected = sum(torch.flip(network(torch.flip(image, dims)), dims) for dims in ((), (-1,), (-2,), (-2, -1))) / 4
+        passed_through = FlipAveragingInferer(inferer, flips=False)(image, network)
+    torch.testing.assert_close(averaged, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(passed_through, network(image).detach(), atol=1e-6, rtol=1e-6)
+    assert (averaged - passed_through).abs().max() > 1e-3

@@ -64,7 +64,6 @@ def training_case(bundle: str, phase: str, preset: str, steps: int = 10, dataset
     import torch
 
     from common.precision import autocast_dtype
-    from common.workflows import run_bundle  # noqa: F401  (imports the bundle machinery before timing)
     from monai.bundle import ConfigWorkflow
 
     settings = PRESETS[preset]
@@ -92,8 +91,6 @@ def training_case(bundle: str, phase: str, preset: str, steps: int = 10, dataset
             overrides["num_workers"] = settings["num_workers"]
         if settings["whole_image_zoom"]:
             overrides["geometry#0#roi_size"] = [1_000_000, 1_000_000]  # the region crop keeps the whole image
-        if bundle == "crossct":
-            overrides = {k: v for k, v in overrides.items() if k not in ("warmup_epochs",)}
         workflow = ConfigWorkflow(
             config_file=str(root / "configs" / "train.yaml"), workflow_type="train", bundle_root=str(root), **overrides
         )
