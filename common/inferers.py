@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import convert_to_dst_type
 
-from common.precision import autocast, autocast_dtype
+from common.precision import autocast_dtype, in_precision
 from common.workflows import flag
 
 __all__ = ["MultiScaleInferer", "FlipAveragingInferer", "flip_averaged"]
@@ -199,14 +199,10 @@ class MultiScaleInferer(Inferer):
         return fused
 
     def _predictor(self, network: Callable[..., torch.Tensor], device: torch.device, *args, **kwargs):
-        dtype = autocast_dtype(self.amp, device)
-        network = flip_averaged(network) if self.flips else network
+        network = in_precision(flip_averaged(network) if self.flips else network, autocast_dtype(self.amp, device))
 
         def predict(windows: torch.Tensor) -> torch.Tensor:
-            with autocast(dtype, device):
-                logits = network(windows, *args, **kwargs)
-            # stitch in float32: half-precision sums over many overlapping windows lose precision
-            return logits.float()
+            return network(windows, *args, **kwargs)
 
         return predict
 

@@ -20,7 +20,7 @@ from monai.inferers import Inferer
 
 from common.workflows import flag
 
-__all__ = ["cpu_has_native_bfloat16", "autocast_dtype", "autocast", "AutocastInferer"]
+__all__ = ["cpu_has_native_bfloat16", "autocast_dtype", "autocast", "in_precision", "AutocastInferer"]
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -68,6 +68,19 @@ def autocast(dtype: torch.dtype | None, device: torch.device | str):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def in_precision(network: Callable[..., torch.Tensor], dtype: torch.dtype | None) -> Callable[..., torch.Tensor]:
+    """``network`` run under the autocast of ``dtype`` on its inputs' device (None: float32), returning float32,
+    so that stitching and post-processing never see a half-precision tensor: half-precision sums over many
+    overlapping windows lose precision."""
+
+    def run(windows: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with autocast(dtype, windows.device):
+            outputs = network(windows, *args, **kwargs)
+        return outputs.float()
+
+    return run
+
+
 class AutocastInferer(Inferer):
     """Runs another inferer's network calls under the autocast that ``amp`` means on the inputs' device, and
     returns float32, so post-processing and stitching never see a half-precision tensor.
@@ -87,10 +100,4 @@ class AutocastInferer(Inferer):
         dtype = autocast_dtype(self.amp, inputs.device)
         if dtype is None:
             return self.inferer(inputs, network, *args, **kwargs)
-
-        def half_precision_network(windows: torch.Tensor, *net_args: Any, **net_kwargs: Any) -> torch.Tensor:
-            with autocast(dtype, windows.device):
-                outputs = network(windows, *net_args, **net_kwargs)
-            return outputs.float()  # stitch and post-process in float32
-
-        return self.inferer(inputs, half_precision_network, *args, **kwargs)
+        return self.inferer(inputs, in_precision(network, dtype), *args, **kwargs)
