@@ -30,6 +30,7 @@ from ignite.engine import Events
 from torch import nn
 
 from common.augment import CutMixer
+from common.distributed import gather_lists, rank_and_world_size
 from common.folders import failure_message, unreadable_input_cause
 from common.losses import cross_teaching_loss, gaussian_rampup
 from common.precision import autocast, autocast_dtype
@@ -322,6 +323,10 @@ class FolderEvaluator(SupervisedEvaluator):
     engine never sees them. Their output item is ``{"pred": (1, H, W) int32 label, "image": an empty MetaTensor
     whose metadata names the file}``, so handlers that report or collect labels see them as any other image.
 
+    Under ``torchrun`` each process segments its share of the folder (``configs/multi_gpu_inference.yaml``); at
+    the end the failures of every process are gathered, rank 0 names them all and every process fails, so the
+    run ends as a single-process run would. A process whose share is empty still takes part in that gathering.
+
     Args:
         whole_slide: the whole-slide segmenter, or None when no batch lists whole-slide images.
         args, kwargs: everything ``SupervisedEvaluator`` takes.
@@ -368,6 +373,17 @@ class FolderEvaluator(SupervisedEvaluator):
         named = MetaTensor(torch.zeros(0), meta={"filename_or_obj": str(path)})
         return {Keys.PRED: torch.from_numpy(labels)[None], Keys.IMAGE: named}
 
+    def run(self, global_epoch: int = 1) -> None:
+        if self.state.epoch_length == 0:  # MONAI skips an empty loader without firing COMPLETED
+            self._raise_on_failures(self)
+            return
+        super().run(global_epoch)
+
     def _raise_on_failures(self, engine: FolderEvaluator) -> None:
-        if engine.failures:
-            raise RuntimeError(f"{len(engine.failures)} image(s) could not be segmented: " + "; ".join(engine.failures))
+        failures = gather_lists(engine.failures)
+        if not failures:
+            return
+        rank, _ = rank_and_world_size()
+        if rank != 0:  # rank 0 names them: each bad file is named once, whatever the number of processes
+            raise RuntimeError(f"{len(failures)} image(s) could not be segmented; rank 0 names them")
+        raise RuntimeError(f"{len(failures)} image(s) could not be segmented: " + "; ".join(failures))

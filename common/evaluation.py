@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.distributed import gather_lists, rank_and_world_size
 from common.io import read_label
 from common.metrics import MatchCounts, challenge_counts
 
@@ -56,7 +57,7 @@ def _label_files(label_dir: Path) -> list[Path]:
     return files
 
 
-def evaluate_folders(pred_dir, label_dir, progress: bool = True) -> list[ImageScore]:
+def evaluate_folders(pred_dir, label_dir, progress: bool = True, share: tuple[int, int] = (0, 1)) -> list[ImageScore]:
     """Score every ``<name>_label.tiff`` of ``label_dir`` against the same file name in ``pred_dir``.
 
     A missing prediction is scored as an empty map (all its instances FN) and flagged ``prediction_missing``.
@@ -65,9 +66,10 @@ def evaluate_folders(pred_dir, label_dir, progress: bool = True) -> list[ImageSc
         pred_dir: folder of predicted instance maps.
         label_dir: folder of ground-truth instance maps; defines the image set.
         progress: show a tqdm progress bar.
+        share: (k, n) scores only the label files k, k + n, k + 2n, ... of the sorted list (one process's share).
 
     Returns:
-        One ImageScore per label file, sorted by name (name = file name without ``_label.tiff``).
+        One ImageScore per scored label file, sorted by name (name = file name without ``_label.tiff``).
 
     Raises:
         FileNotFoundError: a folder does not exist. ValueError: no label file, or a prediction's shape differs
@@ -76,8 +78,9 @@ def evaluate_folders(pred_dir, label_dir, progress: bool = True) -> list[ImageSc
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder {pred_dir} does not exist")
+    index, count = share
     scores = []
-    for label_path in tqdm(_label_files(label_dir), desc="F1", unit="image", disable=not progress):
+    for label_path in tqdm(_label_files(label_dir)[index::count], desc="F1", unit="image", disable=not progress):
         name = label_path.name[: -len(LABEL_SUFFIX)]
         label = read_label(label_path)
         pred_path = pred_dir / label_path.name
@@ -133,13 +136,22 @@ def summarize_scores(scores: list[ImageScore], modalities: dict[str, str] | None
     return lines
 
 
-def evaluate_and_report(pred_dir, label_dir, output_csv=None, modalities=None) -> list[ImageScore]:
+def evaluate_and_report(pred_dir, label_dir, output_csv=None, modalities=None, sharded: bool = False) -> list[ImageScore]:
     """Score ``pred_dir`` against ``label_dir``, write the per-image CSV (default ``<pred_dir>/f1_scores.csv``)
     and print the summary (per modality when a ``name,modality`` CSV is given; '' or None: none). A missing
     prediction is scored as empty and warned about on stderr. Used by ``tools/evaluate.py`` and the bundles'
-    ``evaluate.yaml``."""
+    ``evaluate.yaml``.
+
+    ``sharded=True`` (``multi_gpu_evaluate.yaml``, under ``torchrun``): each process scores its share of the
+    images, every process gets all the scores, and rank 0 alone writes the CSV and prints, so both are those of
+    a single-process run. A collective: every process must call it."""
+    rank, world_size = rank_and_world_size() if sharded else (0, 1)
     modality_of = read_modalities(modalities) if modalities else None
-    scores = evaluate_folders(pred_dir, label_dir)
+    scores = evaluate_folders(pred_dir, label_dir, progress=rank == 0, share=(rank, world_size))
+    if world_size > 1:
+        scores = sorted(gather_lists(scores), key=lambda score: score.name)
+    if rank != 0:
+        return scores
     for score in scores:
         if score.prediction_missing:
             print(f"warning: no prediction for {score.name} in {pred_dir}; scored as empty (all FN)", file=sys.stderr)

@@ -51,7 +51,8 @@ def _as_label(pred: Any) -> np.ndarray:
 
 
 class SegmentationSummary:
-    """Ignite handler: after each image, log ``<name>: <n> cells, <s> s`` (seconds include reading the file).
+    """Ignite handler: after each image, log ``<name>: <n> cells, <s> s (<k>/<N>, about <t> left)`` (seconds include
+    reading the file; the time left is the mean time per image so far times the images still to do).
 
     Args:
         pred_key: the instance-label key of the engine output.
@@ -62,21 +63,42 @@ class SegmentationSummary:
         self.pred_key = pred_key
         self.image_key = image_key
         self._started = 0.0
+        self._run_started = 0.0
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start_run)
         engine.add_event_handler(Events.GET_BATCH_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._report)
+
+    def _start_run(self, engine: Engine) -> None:
+        self._run_started = time.perf_counter()
 
     def _start(self, engine: Engine) -> None:
         self._started = time.perf_counter()
 
     def _report(self, engine: Engine) -> None:
-        seconds = time.perf_counter() - self._started
+        now = time.perf_counter()
+        seconds = now - self._started
+        progress = _progress(engine.state.iteration, engine.state.epoch_length, now - self._run_started)
         for item in _items(engine.state.output):
             if self.pred_key not in item:
                 continue
             cells = int(np.count_nonzero(np.bincount(_as_label(item[self.pred_key]).ravel())[1:]))
-            logger.info("%s: %d cells, %.1f s", _source_name(item, self.image_key), cells, seconds)
+            logger.info("%s: %d cells, %.1f s%s", _source_name(item, self.image_key), cells, seconds, progress)
+
+
+def _progress(done: int, total: int | None, elapsed: float) -> str:
+    """`` (k/N, about <t> left)`` for ``done`` of ``total`` batches after ``elapsed`` seconds; '' without a total."""
+    if not total or done <= 0:
+        return ""
+    left = elapsed / done * max(0, total - done)
+    if left < 90:
+        duration = f"{left:.0f} s"
+    elif left < 5400:
+        duration = f"{left / 60:.0f} min"
+    else:
+        duration = f"{left / 3600:.1f} h"
+    return f" ({done}/{total}, about {duration} left)"
 
 
 def segment_images(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,58 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Runs ``python -m monai.bundle`` unchanged behind a Python audit hook that records every file the process opens
+# for writing (or creates, renames, removes) under a watched folder; the record is named after torchrun's RANK.
+WRITE_AUDIT_LAUNCHER = '''
+"""python -m monai.bundle ARGS, recording every write under WATCHED into PROBE/writes_rank<RANK>.json."""
+import json, os, runpy, sys
+
+watched, probe = (os.path.realpath(p) for p in sys.argv[1:3])
+del sys.argv[1:3]
+writes = []
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def inside(path):
+    try:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False
+        resolved = os.path.realpath(os.fsdecode(path))
+        return resolved == watched or resolved.startswith(watched + os.sep)
+    except (TypeError, ValueError):
+        return False
+
+
+def audit(event, args):
+    if event == "open":
+        path, mode, flags = args
+        writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & WRITE_FLAGS)
+        paths = [path] if writing else []
+    elif event in ("os.rename", "os.replace", "os.link", "os.symlink"):
+        paths = list(args[:2])
+    elif event in ("os.mkdir", "os.remove", "os.rmdir", "os.truncate", "shutil.copyfile", "shutil.rmtree"):
+        paths = list(args[:1])
+    else:
+        return
+    writes.extend(f"{event} {os.fsdecode(p)}" for p in paths if inside(p))
+
+
+sys.addaudithook(audit)
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+try:
+    runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+finally:
+    record = {"rank": int(os.environ["RANK"]), "pid": os.getpid(), "writes": writes}
+    with open(os.path.join(probe, f"writes_rank{os.environ['RANK']}.json"), "w") as handle:
+        json.dump(record, handle)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_datalist(dev_dir: Path, unlabeled_dir: Path, folder: Path, training: list[str], validation: list[str]) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,57 +25,6 @@ TRAIN_IMAGES = ["dsb_0121d6759c5a.png", "phase_set02.tif", "stardist_img2d.tif",
 VALIDATION_IMAGES = ["dsb_ff3e512b5fb8.png"]
 # per rank: 2 labeled images (DistributedSampler), batch 1 -> 2 iterations an epoch
 TINY = {"patch_size": [64, 64], "batch_size": 1, "unlabeled_batch_size": 1, "val_interval": 1, "num_workers": 0}
-
-WRITE_AUDIT_LAUNCHER = '''
-"""python -m monai.bundle ARGS, recording every write under WATCHED into PROBE/writes_rank<RANK>.json."""
-import json, os, runpy, sys
-
-watched, probe = (os.path.realpath(p) for p in sys.argv[1:3])
-del sys.argv[1:3]
-writes = []
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-
-def inside(path):
-    try:
-        if not isinstance(path, (str, bytes, os.PathLike)):
-            return False
-        resolved = os.path.realpath(os.fsdecode(path))
-        return resolved == watched or resolved.startswith(watched + os.sep)
-    except (TypeError, ValueError):
-        return False
-
-
-def audit(event, args):
-    if event == "open":
-        path, mode, flags = args
-        writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & WRITE_FLAGS)
-        paths = [path] if writing else []
-    elif event in ("os.rename", "os.replace", "os.link", "os.symlink"):
-        paths = list(args[:2])
-    elif event in ("os.mkdir", "os.remove", "os.rmdir", "os.truncate", "shutil.copyfile", "shutil.rmtree"):
-        paths = list(args[:1])
-    else:
-        return
-    writes.extend(f"{event} {os.fsdecode(p)}" for p in paths if inside(p))
-
-
-sys.addaudithook(audit)
-sys.argv = ["monai.bundle", *sys.argv[1:]]
-try:
-    runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
-finally:
-    record = {"rank": int(os.environ["RANK"]), "pid": os.getpid(), "writes": writes}
-    with open(os.path.join(probe, f"writes_rank{os.environ['RANK']}.json"), "w") as handle:
-        json.dump(record, handle)
-'''
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def run_two_ranks(bundle: Path, run_id: str, probed: dict, overrides: dict, dataset_dir: Path, run_dir: Path, folder: Path):
     """``torchrun --nproc_per_node 2 -m monai.bundle run RUN_ID`` of train.yaml + multi_gpu_train.yaml, behind
@@ -97,11 +45,11 @@ def run_two_ranks(bundle: Path, run_id: str, probed: dict, overrides: dict, data
         f"  - \"%{configs / 'multi_gpu_train.yaml'}#finalize#0\"\n"
     )
     launcher = folder / "launcher.py"
-    launcher.write_text(WRITE_AUDIT_LAUNCHER)
+    launcher.write_text(runs.WRITE_AUDIT_LAUNCHER)
     config_files = [str(configs / "train.yaml"), str(configs / "multi_gpu_train.yaml"), str(probe_config)]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(launcher), str(run_dir), str(probe),
+        "--master_port", str(runs.free_port()), str(launcher), str(run_dir), str(probe),
         "run", run_id, "--config_file", repr(config_files),
         "--dataset_dir", str(dataset_dir), "--run_dir", str(run_dir), *runs.override_arguments({**TINY, **overrides}),
     ]  # fmt: skip

@@ -5,6 +5,8 @@
     python tools/benchmark.py inference [--size 1024] [--threads N]
     python tools/benchmark.py wsi [--size 10000] [--bundles mt2,crossct] [--threads N] [--overrides '{...}']
     python tools/benchmark.py training [--bundles mt2,crossct] [--steps 10] [--force_bf16]   (tools/training_benchmark.py)
+    python tools/benchmark.py processes [--bundles mt2,crossct] [--counts 1,2] [--images 12]   (tools/process_benchmark.py)
+    python tools/benchmark.py tradeoff [--bundle mt2] [--dataset_dir D] [--settings '[{...}]'] [--output_dir O]   (tools/tradeoff_benchmark.py)
 
 ``inference`` and ``wsi`` use the bundles' inference configs with their default settings and the shipped
 ``models/model.pt`` when there is one, else randomly initialized weights (speed and memory do not depend on them).
@@ -40,7 +42,9 @@ from common.metrics import MatchCounts, challenge_counts, remove_border_instance
 from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map, three_class_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ itself, also when loaded by path (tests)
+from process_benchmark import processes  # noqa: E402
 from training_benchmark import training  # noqa: E402
+from tradeoff_benchmark import tradeoff  # noqa: E402
 
 # Share of the image the ellipses cover before they are grown into contact: far enough below the jamming limit
 # of random sequential placement that rejection sampling finds room for every cell quickly.
@@ -437,7 +441,7 @@ def wsi(size: int = 10000, bundles: str | Sequence[str] = ("mt2", "crossct"), th
             print(json.dumps(line), flush=True)
 
 
-COMMANDS = {"targets": targets, "metric": metric, "inference": inference, "wsi": wsi, "training": training}
+COMMANDS = {"targets": targets, "metric": metric, "inference": inference, "wsi": wsi, "training": training, "processes": processes, "tradeoff": tradeoff}
 
 if __name__ == "__main__":
     fire.Fire(COMMANDS)

@@ -1,0 +1,95 @@
+"""One job over several processes started by ``torchrun``: the process group, each process's device, and the
+gathering of per-process results. Without an initialized process group every function acts as for a single
+process (rank 0 of 1), so the same code serves one process and many.
+
+The bundles' ``multi_gpu_*.yaml`` configs call these. Training shards with MONAI's padded
+``DistributedSampler``; inference shards with :class:`ShardSampler`, which never repeats an item (an image
+segmented twice would be written twice) and accepts fewer items than processes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = [
+    "start_process_group",
+    "end_process_group",
+    "local_device",
+    "rank_and_world_size",
+    "gather_lists",
+    "ShardSampler",
+]
+
+
+def start_process_group() -> None:
+    """Join the process group torchrun describes (its environment variables): NCCL when CUDA is available, else
+    gloo. Also makes this process's GPU the current one. Does nothing when the group already exists."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_device())
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def end_process_group() -> None:
+    """Leave the process group, if there is one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` (this process's GPU on its machine, so several machines work too), or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_lists(local: list[Any]) -> list[Any]:
+    """Every process's ``local`` list (picklable items), concatenated in rank order, on every process.
+
+    A collective: every process of the group must call it. Without a group it returns a copy of ``local``.
+    """
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return list(local)
+    gathered: list[list[Any] | None] = [None] * world_size
+    dist.all_gather_object(gathered, list(local))
+    return [item for share in gathered for item in share or []]
+
+
+class ShardSampler(Sampler[int]):
+    """This process's share of a dataset, in order: indices ``rank, rank + N, rank + 2N, ...`` of ``N`` processes.
+
+    Every index belongs to exactly one process and none is repeated, so shares differ by at most one item and
+    a process may get none (more processes than items). Unlike MONAI's ``DistributedSampler(even_divisible=False)``
+    it does not refuse a dataset smaller than the group.
+
+    Args:
+        dataset: anything with a length.
+        rank, world_size: default: this process's, from the process group ((0, 1) without one).
+    """
+
+    def __init__(self, dataset, rank: int | None = None, world_size: int | None = None):
+        default_rank, default_world_size = rank_and_world_size()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world_size if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not one of {self.world_size} processes")
+        self.length = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))

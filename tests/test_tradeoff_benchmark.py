@@ -1,0 +1,80 @@
+"""tools/tradeoff_benchmark.py: the Pareto front and the recommended setting on generated points with known
+answers; and a real run on dev images with the shipped CrossCT weights, whose F1 must equal what the bundle's
+own evaluation gives for the same setting."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import bundle_runs as runs
+
+_spec = importlib.util.spec_from_file_location(
+    "tradeoff_benchmark", os.path.join(os.path.dirname(__file__), "..", "tools", "tradeoff_benchmark.py")
+)
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
+
+IMAGES = ["dsb_9774c8239632.png", "dsb_52a6b8ae4c8e.png"]
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    seconds = [1.0, 2.0, 2.0, 3.0, 0.5, 4.0]
+    f1 = [0.50, 0.60, 0.55, 0.60, 0.40, 0.70]
+    # 2 is beaten by 1 (same time, better), 3 by 1 (faster, same F1); the rest trade speed for F1
+    assert tool.pareto_front(seconds, f1) == [4, 0, 1, 5]
+    assert tool.pareto_front([1.0, 1.0], [0.5, 0.5]) == [0, 1]  # ties beat nothing
+
+
+def test_recommended_is_the_fastest_within_the_tolerance_of_the_best():
+    seconds = [10.0, 2.0, 1.0, 0.5]
+    f1 = [0.700, 0.695, 0.689, 0.60]
+    assert tool.recommended(seconds, f1, tolerance=0.01) == 1
+    assert tool.recommended(seconds, f1, tolerance=0.02) == 2
+    assert tool.recommended(seconds, f1, tolerance=0.0) == 0
+
+
+def test_a_real_run_scores_as_the_bundle_evaluation_does(dev_dir, tmp_path, capsys):
+    dataset = runs.folder_of_links(dev_dir, IMAGES, tmp_path / "labeled", with_labels=True)
+    settings = [{}, {"postprocess": "distance"}]
+    tool.tradeoff("crossct", dataset_dir=str(dataset), settings=json.dumps(settings), output_dir=str(tmp_path / "out"))
+    lines = [json.loads(line) for line in (tmp_path / "out" / "tradeoff_crossct.jsonl").read_text().splitlines()]
+    assert [line["setting"] for line in lines] == settings
+    assert [line["default"] for line in lines] == [True, False]
+    assert all(line["s_per_mpx"] > 0 and set(line["per_image_f1"]) == {Path(n).stem for n in IMAGES} for line in lines)
+    assert sum(line["recommended"] for line in lines) == 1
+    assert (tmp_path / "out" / "tradeoff_crossct.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plot"].endswith("tradeoff_crossct.png")
+
+    # the same setting through the bundle's evaluate.yaml gives the same per-image F1
+    bundle = runs.REPO / "bundles" / "crossct_cell_segmentation"
+    result = runs.run_bundle_command(
+        "evaluating", "--config_file", str(bundle / "configs" / "evaluate.yaml"),
+        "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "eval"), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rows = (tmp_path / "eval" / "f1_scores.csv").read_text().strip().splitlines()[1:]
+    evaluated = {row.split(",")[0]: round(float(row.split(",")[-1]), 4) for row in rows}
+    assert evaluated == lines[0]["per_image_f1"]
+
+
+def test_override_files_change_only_settings_inference_yaml_has_and_build():
+    """inference_quality.yaml and inference_fast.yaml merged after inference.yaml: every key they set is an inference setting
+    (a misspelt key would silently add a new one), and the merged inferer is built with their values."""
+    import yaml
+    from monai.bundle import ConfigParser
+
+    overrides = sorted((runs.REPO / "bundles").glob("*/configs/inference_*.yaml"))
+    assert {path.name for path in overrides} == {"inference_quality.yaml", "inference_fast.yaml"}
+    for path in overrides:
+        base = path.parent / "inference.yaml"
+        settings = yaml.safe_load(path.read_text())
+        assert set(settings) <= set(yaml.safe_load(base.read_text())), path
+        parser = ConfigParser()
+        parser.read_config([str(base), str(path)])
+        parser.update({"bundle_root": str(path.parents[1])})
+        for key, value in settings.items():
+            assert parser.get_parsed_content(key) == value, (path, key)
+        assert parser.get_parsed_content("inferer") is not None

@@ -1,0 +1,216 @@
+"""What each inference setting costs and buys: challenge F1 against seconds per megapixel, per bundle
+(``python tools/benchmark.py tradeoff BUNDLE``; one JSON line per setting on stdout, a JSONL file and a PNG plot).
+
+For every setting (a dict of ``inference.yaml`` overrides) the bundle's own preprocessing, inferer, weights and
+post-processing segment each labeled image; the time from reading the file to the instance label counts (the
+weights are loaded before the clock starts). F1 is the challenge F1 per image, averaged. All settings run in one
+process, one after another, on the same images: their speeds compare.
+
+The default images are the dev validation split of the model cards (``tools/make_datalist.py`` on cellseg-dev
+with ``--val_fraction 0.25 --seed 0`` and the open licences): 7 images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CELLSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+BUNDLE_DIRS = {"mt2": "mt2_cell_segmentation", "crossct": "crossct_cell_segmentation"}
+VALIDATION_SPLIT = {"val_fraction": 0.25, "seed": 0, "licenses": ["CC0-1.0", "MIT", "BSD-3-Clause"]}
+
+# the settings that matter, per bundle; {} is the shipped default
+_MT2_SINGLE = {"scales": [1.0]}
+SETTINGS = {
+    "mt2": [
+        {},
+        {"overlap": 0.25},
+        {"blend_mode": "gaussian"},
+        {"roi_size": [256, 256]},
+        {"test_time_flips": True},
+        {"scales": [1.0, 1.2]},
+        _MT2_SINGLE,
+        {**_MT2_SINGLE, "overlap": 0.25},
+        {**_MT2_SINGLE, "blend_mode": "gaussian"},
+        {**_MT2_SINGLE, "overlap": 0.25, "blend_mode": "gaussian"},
+        {**_MT2_SINGLE, "roi_size": [256, 256], "overlap": 0.25},
+        {**_MT2_SINGLE, "test_time_flips": True},
+        {**_MT2_SINGLE, "fluorescence_rule": False},
+    ],
+    "crossct": [
+        {},
+        {"overlap": 0.5},
+        {"blend_mode": "gaussian"},
+        {"roi_size": [512, 512]},
+        {"test_time_flips": True},
+        {"postprocess": "distance"},
+        {"network_output": "swin"},
+        {"network_output": "ensemble"},
+        {"network_output": "ensemble", "test_time_flips": True},
+    ],
+}
+
+
+def dev_validation_items(dev_dir: str | Path = SHARED_DATA / "cellseg-dev") -> list[dict[str, str]]:
+    """``[{"image", "label"}]`` of the dev validation split the model cards report (absolute paths)."""
+    from common.datalist import build_datalist
+
+    dev_dir = Path(dev_dir)
+    if not dev_dir.is_dir():
+        raise FileNotFoundError(f"{dev_dir} is absent (set CELLSEG_SHARED_DATA)")
+    items = build_datalist(dev_dir, dev_dir, **VALIDATION_SPLIT)["validation"]
+    return [{key: str(dev_dir / item[key]) for key in ("image", "label")} for item in items]
+
+
+def folder_items(dataset_dir: str | Path) -> list[dict[str, str]]:
+    """``[{"image", "label"}]`` of a folder with ``images/`` and ``labels/<name>_label.tiff``."""
+    from common.io import label_path_for, list_images
+
+    dataset_dir = Path(dataset_dir)
+    return [{"image": str(path), "label": str(label_path_for(path, dataset_dir / "labels"))}
+            for path in list_images(dataset_dir / "images")]
+
+
+def pareto_front(seconds: Sequence[float], f1: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats: none is at least as fast and as accurate and better in one.
+
+    Args:
+        seconds: cost of each point (lower is better), e.g. s/Mpx.
+        f1: quality of each point (higher is better).
+
+    Returns:
+        The indices on the front, fastest first.
+    """
+    points = list(zip(seconds, f1))
+    front = [
+        i for i, (s, q) in enumerate(points)
+        if not any(s2 <= s and q2 >= q and (s2 < s or q2 > q) for s2, q2 in points)
+    ]
+    return sorted(front, key=lambda i: (seconds[i], -f1[i]))
+
+
+def recommended(seconds: Sequence[float], f1: Sequence[float], tolerance: float = 0.01) -> int:
+    """The fastest point whose F1 is within ``tolerance`` of the best F1 (it lies on the front)."""
+    best = max(f1)
+    return min((i for i in range(len(f1)) if f1[i] >= best - tolerance), key=lambda i: (seconds[i], -f1[i]))
+
+
+class _Segmenter:
+    """One setting of a bundle's inference config, built once: image file -> (H, W) int32 instance label."""
+
+    def __init__(self, bundle: str, checkpoint: str | None, overrides: dict[str, Any]):
+        root = REPO / "bundles" / BUNDLE_DIRS[bundle]
+        parser = ConfigParser()
+        parser.read_config(str(root / "configs" / "inference.yaml"))
+        parser.update({"bundle_root": str(root), **({"checkpoint": checkpoint} if checkpoint else {}), **overrides})
+        self.device = parser.get_parsed_content("device")
+        self.network = parser.get_parsed_content("network")
+        state = torch.load(parser.get_parsed_content("checkpoint"), map_location=self.device, weights_only=True)
+        self.network.load_state_dict(state)
+        self.network.eval()
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.inferer = parser.get_parsed_content("inferer")
+        self.postprocessing = parser.get_parsed_content("postprocessing")
+
+    def __call__(self, image_path: str) -> np.ndarray:
+        image = self.preprocessing({"image": image_path})["image"]
+        with torch.no_grad():
+            output = self.inferer(torch.as_tensor(image)[None].to(self.device), self.network)[0]
+        label = self.postprocessing({"pred": output})["pred"]
+        label = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+        return label[0] if label.ndim == 3 else label
+
+
+def measure(bundle: str, items: list[dict[str, str]], overrides: dict[str, Any], checkpoint: str | None = None) -> dict:
+    """Segment every item with one setting: mean challenge F1, seconds per Mpx, per-image F1."""
+    from common.io import read_label
+    from common.metrics import challenge_counts, f1_from_counts
+
+    segment = _Segmenter(bundle, checkpoint, overrides)
+    seconds, pixels, f1s = 0.0, 0, {}
+    for item in items:
+        label = read_label(item["label"])
+        start = time.perf_counter()
+        found = segment(item["image"])
+        seconds += time.perf_counter() - start
+        pixels += label.size
+        f1s[Path(item["image"]).stem] = round(float(f1_from_counts(challenge_counts(label, found))), 4)
+    return {"bundle": bundle, "setting": overrides, "default": not overrides,
+            "f1": round(float(np.mean(list(f1s.values()))), 4), "s_per_mpx": round(seconds / (pixels / 1e6), 3),
+            "images": len(items), "per_image_f1": f1s}
+
+
+def plot(lines: list[dict], path: str | Path, title: str) -> Path:
+    """F1 against s/Mpx (log scale): every setting a dot, the front joined and labelled, the default circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seconds = [line["s_per_mpx"] for line in lines]
+    f1 = [line["f1"] for line in lines]
+    front = pareto_front(seconds, f1)
+    figure, axes = plt.subplots(figsize=(9, 6))
+    axes.scatter(seconds, f1, color="0.6", zorder=2, label="setting")
+    axes.plot([seconds[i] for i in front], [f1[i] for i in front], "-o", color="tab:blue", zorder=3, label="Pareto front")
+    for i in front:
+        name = ", ".join(f"{k}={v}" for k, v in lines[i]["setting"].items()) or "default"
+        axes.annotate(name, (seconds[i], f1[i]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    for i, line in enumerate(lines):
+        if line["default"]:
+            axes.scatter([seconds[i]], [f1[i]], s=250, facecolors="none", edgecolors="tab:red", linewidths=2,
+                         zorder=4, label="shipped default")
+    axes.set_xscale("log")
+    axes.set_xlabel("seconds per megapixel (log scale)")
+    axes.set_ylabel("mean challenge F1")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def tradeoff(bundle: str = "mt2", dataset_dir: str | None = None, settings: str | list | None = None,
+             output_dir: str = ".", checkpoint: str | None = None, images: int | None = None):
+    """Score and time each setting of ``bundle`` on a labeled folder; write JSON lines and a plot.
+
+    Args:
+        bundle: "mt2" or "crossct".
+        dataset_dir: a folder with images/ and labels/; default: the dev validation split of the model cards.
+        settings: a JSON list of override dicts; default: the bundle's grid in ``SETTINGS`` ({} = the shipped one).
+        output_dir: where ``tradeoff_<bundle>.jsonl`` and ``tradeoff_<bundle>.png`` go.
+        checkpoint: weights other than the bundle's ``models/model.pt``.
+        images: use only the first N images.
+    """
+    items = folder_items(dataset_dir) if dataset_dir else dev_validation_items()
+    items = items[:images] if images else items
+    if not items:
+        raise SystemExit(f"tradeoff: no labeled images in {dataset_dir}")
+    grid = json.loads(settings) if isinstance(settings, str) else (settings if settings is not None else SETTINGS[bundle])
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for overrides in grid:
+        line = {"benchmark": "tradeoff", **measure(bundle, items, dict(overrides), checkpoint),
+                "threads": torch.get_num_threads()}
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    seconds, f1 = [line["s_per_mpx"] for line in lines], [line["f1"] for line in lines]
+    front, pick = pareto_front(seconds, f1), recommended(seconds, f1)
+    for i, line in enumerate(lines):
+        line.update(on_front=i in front, recommended=i == pick)
+    jsonl = output_dir / f"tradeoff_{bundle}.jsonl"
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    picture = plot(lines, output_dir / f"tradeoff_{bundle}.png", f"{bundle}: {len(items)} images, {lines[0]['threads']} threads")
+    print(json.dumps({"benchmark": "tradeoff", "bundle": bundle, "front": [lines[i]["setting"] for i in front],
+                      "recommended": lines[pick]["setting"], "jsonl": str(jsonl), "plot": str(picture)}), flush=True)
