@@ -12,7 +12,16 @@ from monai.data import load_decathlon_datalist
 
 from common.datalist import build_datalist
 
-__all__ = ["bundle_root_from_argv", "training_datalists", "unlabeled_datalist", "run_bundle", "config_values", "flag"]
+__all__ = [
+    "bundle_root_from_argv",
+    "training_datalists",
+    "unlabeled_datalist",
+    "run_bundle",
+    "inference_config",
+    "loaded_network",
+    "config_values",
+    "flag",
+]
 
 DATALIST_NAME = "datalist.json"
 
@@ -116,6 +125,30 @@ def run_bundle(bundle_root: str | Path, config: str = "inference.yaml", workflow
     finally:
         workflow.finalize()
     return workflow
+
+
+def inference_config(bundle_root: str | Path, checkpoint: str | Path | None = None, **overrides: Any):
+    """A bundle's ``configs/inference.yaml`` as a ``monai.bundle.ConfigParser``, with ``bundle_root`` set and
+    ``checkpoint`` (when given) and ``overrides`` applied: the pieces of its inference (``preprocessing``,
+    ``inferer``, ``postprocessing``, ...) without the engine, for tools that time or score them one by one."""
+    from monai.bundle import ConfigParser
+
+    bundle_root = Path(bundle_root).resolve()
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "inference.yaml"))
+    parser.update({"bundle_root": str(bundle_root), **({"checkpoint": str(checkpoint)} if checkpoint else {}), **overrides})
+    return parser
+
+
+def loaded_network(parser):
+    """The ``network`` of an :func:`inference_config` with the weights of its ``checkpoint`` (tensor-only state
+    dict), on its ``device``, in eval mode."""
+    import torch
+
+    network = parser.get_parsed_content("network")
+    state = torch.load(parser.get_parsed_content("checkpoint"), map_location=parser.get_parsed_content("device"), weights_only=True)
+    network.load_state_dict(state)
+    return network.eval()
 
 
 def config_values(config_file: str | Path, names: Sequence[str]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from common.io import label_path_for, read_image, read_label
 from common.metrics import MatchCounts, challenge_counts, remove_border_instances
 from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map, three_class_map
+from common.workflows import inference_config, loaded_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ itself, also when loaded by path (tests)
 from process_benchmark import processes  # noqa: E402
@@ -258,11 +259,7 @@ def dev_mosaic(height: int, width: int, min_cells_per_mpx: float = 0, dev_dir: s
 
 
 def _bundle_config(bundle: str, **overrides) -> ConfigParser:
-    root = REPO / "bundles" / BUNDLES[bundle]
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.yaml"))
-    parser.update({"bundle_root": str(root), **overrides})
-    return parser
+    return inference_config(REPO / "bundles" / BUNDLES[bundle], **overrides)
 
 
 def _checkpoint(bundle: str, folder: Path) -> tuple[Path, str]:
@@ -321,11 +318,9 @@ def inference(size: int = 1024, threads: int | None = None, repeats: int = 3):
         path = Path(folder) / "mosaic.png"
         Image.fromarray(image).save(path)
         for bundle, network_name, overrides in runs:
-            parser = _bundle_config(bundle, **overrides)
             checkpoint, weights = _checkpoint(bundle, Path(folder))
-            network = parser.get_parsed_content("network")
-            network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-            timed = _TimedNetwork(network.eval())
+            parser = _bundle_config(bundle, checkpoint=str(checkpoint), **overrides)
+            timed = _TimedNetwork(loaded_network(parser))
             inputs = parser.get_parsed_content("preprocessing")({"image": str(path)})["image"][None]
             inferer = parser.get_parsed_content("inferer")
             with torch.no_grad():

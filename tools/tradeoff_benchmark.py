@@ -20,7 +20,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CELLSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -107,15 +106,11 @@ class _Segmenter:
     """One setting of a bundle's inference config, built once: image file -> (H, W) int32 instance label."""
 
     def __init__(self, bundle: str, checkpoint: str | None, overrides: dict[str, Any]):
-        root = REPO / "bundles" / BUNDLE_DIRS[bundle]
-        parser = ConfigParser()
-        parser.read_config(str(root / "configs" / "inference.yaml"))
-        parser.update({"bundle_root": str(root), **({"checkpoint": checkpoint} if checkpoint else {}), **overrides})
+        from common.workflows import inference_config, loaded_network
+
+        parser = inference_config(REPO / "bundles" / BUNDLE_DIRS[bundle], checkpoint, **overrides)
         self.device = parser.get_parsed_content("device")
-        self.network = parser.get_parsed_content("network")
-        state = torch.load(parser.get_parsed_content("checkpoint"), map_location=self.device, weights_only=True)
-        self.network.load_state_dict(state)
-        self.network.eval()
+        self.network = loaded_network(parser)
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.postprocessing = parser.get_parsed_content("postprocessing")

@@ -19,12 +19,12 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from common.io import label_path_for, list_images, read_label
 from common.metrics import challenge_counts, f1_from_counts
 from common.postprocess import mt2_watershed
+from common.workflows import inference_config, loaded_network
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "mt2_cell_segmentation"
@@ -38,13 +38,9 @@ def _numbers(value) -> list[float]:
 
 def _probabilities(dataset_dir: Path, checkpoint: str | None, overrides: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, (2, H, W) cell and boundary probabilities, label) for every labeled image of ``dataset_dir``."""
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
-    parser.update({"bundle_root": str(BUNDLE), **({"checkpoint": checkpoint} if checkpoint else {}), **overrides})
+    parser = inference_config(BUNDLE, checkpoint, **overrides)
     device = parser.get_parsed_content("device")
-    network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(parser.get_parsed_content("checkpoint"), map_location=device, weights_only=True))
-    network.eval()
+    network = loaded_network(parser)
     preprocessing = parser.get_parsed_content("preprocessing")
     inferer = parser.get_parsed_content("inferer")
     results = []
