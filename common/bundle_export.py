@@ -14,6 +14,7 @@ leave the target folder (absolute, ``..``, a drive, or a symbolic link).
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-__all__ = ["VENDORED_PACKAGE", "rewrite_references", "export_bundle", "unsafe_zip_members", "extract_bundle"]
+__all__ = ["VENDORED_PACKAGE", "rewrite_references", "bundle_version", "export_bundle", "unsafe_zip_members", "extract_bundle"]
 
 SHARED_PACKAGE = "common"
 VENDORED_PACKAGE = "scripts.common"
@@ -129,13 +130,30 @@ def _write_zip(folder: Path, zip_path: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def bundle_version(bundle_dir: str | os.PathLike) -> str:
+    """The ``version`` of a bundle's ``configs/metadata.json``.
+
+    Raises:
+        ValueError: the metadata has no version, or one that is not a plain dotted version (it names a file).
+    """
+    metadata_path = Path(bundle_dir) / "configs" / "metadata.json"
+    version = json.loads(metadata_path.read_text(encoding="utf-8")).get("version")
+    if not isinstance(version, str) or not re.fullmatch(r"\d+(\.\d+)*", version):
+        raise ValueError(f"{metadata_path}: version {version!r} is not a dotted version such as 0.3.1")
+    return version
+
+
 def export_bundle(
     bundle_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> tuple[Path, Path]:
-    """Write a self-contained copy of a bundle: ``output_dir/<name>/`` and ``output_dir/<name>.zip``.
+    """Write a self-contained copy of a bundle: ``output_dir/<name>/`` and ``output_dir/<name>_v<version>.zip``.
+
+    The zip is named as the model zoo names its release assets (version from ``configs/metadata.json``), so a
+    GitHub release holding it serves ``python -m monai.bundle download --source github --repo OWNER/REPO/TAG
+    --name <name> --version <version>`` and MONAI Label's ``--conf zoo_source github``.
 
     The copy holds the bundle (configs, scripts, docs, models, LICENSE; no ``runs/``, ``eval/`` or caches) and
     the shared package as ``scripts/common``; its configs and Python files refer to ``scripts.common``. It runs
@@ -168,9 +186,9 @@ def export_bundle(
         checkpoint = Path(checkpoint)
         _check_checkpoint(checkpoint)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     name = bundle_dir.name
-    target, zip_path = output_dir / name, output_dir / f"{name}.zip"
+    target, zip_path = output_dir / name, output_dir / f"{name}_v{bundle_version(bundle_dir)}.zip"
+    output_dir.mkdir(parents=True, exist_ok=True)
     if not overwrite and (target.exists() or zip_path.exists()):
         raise FileExistsError(f"{target} or {zip_path} exists; pass overwrite=True to replace them")
 

@@ -40,6 +40,9 @@ class TrainingCheckpointer:
         validator: the evaluator whose key metric selects the best epoch, or None.
         model_key: the ``save_dict`` key of the network to export.
         resume_from: a full checkpoint written by this handler ('' or None: start afresh).
+        publish_to: where to copy the run's network when training completes ('' or None: nowhere): this run's
+            best ``model.pt``, or the final network when the run never validated. A bundle's ``models/model.pt``,
+            which MONAI Label serves and reloads after training.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class TrainingCheckpointer:
         validator: Engine | None = None,
         model_key: str = "model",
         resume_from: str | Path | None = None,
+        publish_to: str | Path | None = None,
     ):
         if model_key not in save_dict:
             raise ValueError(f"save_dict has no '{model_key}' entry to export as model.pt")
@@ -59,6 +63,7 @@ class TrainingCheckpointer:
         self.resume_from = Path(resume_from) if resume_from else None
         if self.resume_from is not None and not self.resume_from.is_file():
             raise FileNotFoundError(f"resume_from: no checkpoint at {self.resume_from}")
+        self.publish_to = Path(publish_to) if publish_to else None
 
     def _saver(self) -> DiskSaver:
         return _ReplacingDiskSaver(str(self.save_dir), atomic=True, create_dir=True, require_empty=False)
@@ -70,6 +75,8 @@ class TrainingCheckpointer:
             trainer.add_event_handler(Events.STARTED, self._resume, everything)
         if self.save_dir is None:
             return
+        if self.publish_to is not None:
+            trainer.add_event_handler(Events.COMPLETED, self._publish)
         last = Checkpoint(everything, self._saver(), filename_pattern="checkpoint_last.{ext}", n_saved=1)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, last)
         if self.validator is None:
@@ -84,6 +91,23 @@ class TrainingCheckpointer:
         self.validator.add_event_handler(Events.COMPLETED, best)
         self.validator.add_event_handler(Events.COMPLETED, model)
         self._best_checkpoints += [best, model]
+
+    def _publish(self, _: Engine) -> None:
+        """Copy this run's best ``model.pt`` (or the final network) to ``publish_to``, atomically."""
+        best = self.save_dir / "model.pt"
+        saved_now = best.is_file() and any(checkpoint.last_checkpoint for checkpoint in self._best_checkpoints)
+        network: nn.Module = self.save_dict[self.model_key]
+        state = torch.load(best, map_location="cpu", weights_only=True) if saved_now else network.state_dict()
+        state = state.get(self.model_key, state)
+        self.publish_to.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.publish_to.with_name(f".{self.publish_to.name}.tmp")
+        try:
+            torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, temporary)
+            temporary.replace(self.publish_to)
+        finally:
+            temporary.unlink(missing_ok=True)
+        what = "the best network of this run" if saved_now else "the final network (this run never validated)"
+        logger.info("published %s to %s", what, self.publish_to)
 
     def _latest_score(self) -> float | None:
         """The validator's key metric from its latest run; None before the first validation."""

@@ -9,14 +9,51 @@ import torch.nn.functional as F
 from monai.networks.nets import BasicUNetPlusPlus
 from torch import nn
 
-__all__ = ["MultiHeadUNetPlusPlus", "PadToMultiple", "CrossCTNetworks", "MT2_CHANNELS", "CROSSCT_CHANNELS"]
+__all__ = [
+    "MultiHeadUNetPlusPlus", "PadToMultiple", "CrossCTNetworks", "CheckpointSizeError", "MT2_CHANNELS", "CROSSCT_CHANNELS",
+]
 
 # Output channel layouts of the networks, also described in each bundle's metadata.json ``pred_classes``.
 MT2_CHANNELS = ("background", "interior", "boundary", "cell heat-map", "boundary heat-map")
 CROSSCT_CHANNELS = ("background", "interior", "boundary", "cell distance", "neighbor distance")
 
 
-class MultiHeadUNetPlusPlus(nn.Module):
+class CheckpointSizeError(ValueError):
+    """A checkpoint made for a network of another size than the one built (e.g. other ``features``)."""
+
+
+def _size_mismatches(module: nn.Module, state: dict, prefix: str) -> list[str]:
+    own = module.state_dict()
+    return [
+        f"{name} {tuple(state[prefix + name].shape)} in the checkpoint, {tuple(tensor.shape)} in this network"
+        for name, tensor in own.items()
+        if prefix + name in state and tuple(state[prefix + name].shape) != tuple(tensor.shape)
+    ]
+
+
+class _SizeCheckedLoading:
+    """Makes ``load_state_dict`` (MONAI's CheckpointLoader, MONAI Label, ``torch.load`` users) fail with one
+    message that names the size setting to change, instead of torch's list of size mismatches; strict=False does
+    not skip a mismatch, so fine-tuning a checkpoint of another size can never start."""
+
+    size_setting = "the network settings"
+
+    def _register_size_check(self) -> None:
+        self.register_load_state_dict_pre_hook(type(self)._check_sizes)
+
+    def _check_sizes(self, state, prefix, *_) -> None:
+        mismatches = _size_mismatches(self, state, prefix)
+        if mismatches:
+            shown = "; ".join(mismatches[:3]) + (f"; and {len(mismatches) - 3} more" if len(mismatches) > 3 else "")
+            raise CheckpointSizeError(
+                f"the checkpoint was made for a network of another size ({shown}). {self.checkpoint_size_hint(state, prefix)}"
+            )
+
+    def checkpoint_size_hint(self, state: dict, prefix: str) -> str:
+        return f"Build the network with the checkpoint's {self.size_setting}, or train without loading it."
+
+
+class MultiHeadUNetPlusPlus(_SizeCheckedLoading, nn.Module):
     """MT²'s UNet++ with three 1x1 heads on the last decoder node, as one (B, 5, H, W) logit tensor:
     channels 0-2 the 3-class head (background, interior, boundary), 3 the cell heat-map head and 4 the
     boundary heat-map head (apply sigmoid to 3-4).
@@ -59,6 +96,24 @@ class MultiHeadUNetPlusPlus(nn.Module):
         # they cost nothing, and DistributedDataParallel finds no parameter without a gradient
         for name in ("final_conv_0_1", "final_conv_0_2", "final_conv_0_3"):
             setattr(self.unetpp, name, nn.Identity())
+        self.features = [int(size) for size in features]
+        self._register_size_check()
+
+    # the first convolution of each encoder level and of the last decoder node: their filters are `features`
+    FEATURE_WEIGHTS = tuple(
+        f"unetpp.{node}.conv.weight"
+        for node in ("conv_0_0.conv_0", "conv_1_0.convs.conv_0", "conv_2_0.convs.conv_0", "conv_3_0.convs.conv_0",
+                     "conv_4_0.convs.conv_0", "upcat_0_4.convs.conv_0")
+    )  # fmt: skip
+
+    def checkpoint_size_hint(self, state: dict, prefix: str) -> str:
+        if not all(prefix + name in state for name in self.FEATURE_WEIGHTS):
+            return "Build the network with the checkpoint's `features`, or train without loading it."
+        found = [int(state[prefix + name].shape[0]) for name in self.FEATURE_WEIGHTS]
+        return (
+            f"It holds a UNet++ with features {found}; this one has features {self.features}. Set `features` to "
+            f"{found} (e.g. --features \"{found}\") to load it, or train without loading it."
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # BasicUNetPlusPlus returns a list even without deep supervision
@@ -87,7 +142,7 @@ class PadToMultiple(nn.Module):
         return self.network(x)[..., :height, :width]
 
 
-class CrossCTNetworks(nn.Module):
+class CrossCTNetworks(_SizeCheckedLoading, nn.Module):
     """CrossCT's two networks as one module: one state dict (``unet.*``, ``swin.*``) holds both, and
     ``output`` chooses what ``forward`` returns — the U-Net's output, the Swin-UNETR's, or their average
     ("ensemble": channels 0-2 averaged logits, 3-4 averaged distance maps).
@@ -107,6 +162,9 @@ class CrossCTNetworks(nn.Module):
         self.unet = unet
         self.swin = swin
         self.output = output
+        self._register_size_check()
+
+    size_setting = "`unet_features` and `swin_feature_size`"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "unet":

@@ -34,6 +34,7 @@ from common.inferers import MultiScaleInferer
 from common.intensity import FLAT_RANGE, NormalizeIntensityPercentiled, ToThreeChannelsd, normalize_per_channel
 from common.intensity import to_three_channels
 from common.io import MAX_CHANNELS, SUPPORTED_IMAGE_SUFFIXES, TIFF_SUFFIXES, ImageReadError, LoadMicroscopyd
+from common.labels import as_instance_label
 from common.tiling import segment_in_tiles, tile_grid
 from common.workflows import flag
 
@@ -246,8 +247,8 @@ class WholeSlideSegmenter:
         preprocessing: the bundle's preprocessing (a ``Compose`` of LoadMicroscopyd, ToThreeChannelsd,
             NormalizeIntensityPercentiled, EnsureTyped); its normalization is applied per tile with the
             whole image's percentiles, so each tile sees exactly what the plain path would feed the network.
-        postprocessing: dictionary transform turning ``{pred_key: (C, h, w) network output}`` into a
-            (1, h, w) instance map under the same key (e.g. ``common.postprocess.MT2Watershedd``).
+        postprocessing: dictionary transform turning ``{pred_key: (C, h, w) network output}`` into an
+            (h, w) or (1, h, w) instance map under the same key (a bundle's ``postprocessing``).
         writer: ``common.folders.SaveInstanceLabeld`` (its ``write`` names and writes the label).
         overlay_writer: optional ``common.overlays.SaveOverlayd``; it is given the label and the normalized
             image subsampled to its ``max_pixels`` (every k-th row and column), never the full-size image.
@@ -324,8 +325,7 @@ class WholeSlideSegmenter:
             with torch.no_grad():
                 prediction = inferer(inputs, network)
             prediction = torch.as_tensor(prediction)[0].detach().float().cpu()
-            labels = self.postprocessing({self.pred_key: prediction})[self.pred_key]
-            return np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)[0]
+            return as_instance_label(self.postprocessing({self.pred_key: prediction})[self.pred_key])
 
         def report(done, total):
             elapsed = time.perf_counter() - start

@@ -44,6 +44,16 @@ def flag(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def published_model_path(bundle_root: str | Path) -> str:
+    """Where training publishes its network: ``models/model.pt`` of an exported (or downloaded) copy of a bundle,
+    the file MONAI Label serves and reloads after training, as model-zoo bundles do; '' for a bundle of this
+    repository, whose shipped weights a training run never overwrites."""
+    from common.bundle_export import VENDORED_PACKAGE
+
+    exported = (Path(bundle_root) / Path(*VENDORED_PACKAGE.split(".")) / "__init__.py").is_file()
+    return str(Path(bundle_root) / "models" / "model.pt") if exported else ""
+
+
 def bundle_root_from_argv(argv: Sequence[str] | None = None, default: str = ".") -> str:
     """The bundle folder of the first ``--config_file`` on the command line (its ``configs/`` parent), so that
     ``python -m monai.bundle run ... --config_file bundles/<name>/configs/x.yaml`` works from any folder.

@@ -1,6 +1,6 @@
-"""Standalone bundles: the export rewrites every reference to the shared package, the exported zip unpacked
-outside the repository segments a real image from another folder without the repository's ``common``, and
-zips whose members would leave the target folder are refused."""
+"""Standalone bundles: the export rewrites every reference to the shared package; its zip, fetched with MONAI's
+own ``python -m monai.bundle download``, segments a real image in another folder without the repository's
+``common``; zips whose members would leave the target folder are refused."""
 
 from __future__ import annotations
 
@@ -45,13 +45,22 @@ finally:
 
 
 @pytest.mark.parametrize("bundle", ["mt2_cell_segmentation", "crossct_cell_segmentation"])
-def test_exported_zip_segments_a_real_image_outside_the_repository(bundle, dev_dir, tmp_path):
+def test_downloaded_bundle_segments_a_real_image_outside_the_repository(bundle, dev_dir, tmp_path):
     checkpoint, networks = runs.tiny_checkpoint(bundle, tmp_path)
     settings = {**networks, "roi_size": [64, 64], "num_workers": 0, "write_overlays": False}
     folder, archive = export_bundle(runs.REPO / "bundles" / bundle, tmp_path / "dist", checkpoint=checkpoint)
     assert (folder / "models" / "model.pt").read_bytes() == checkpoint.read_bytes()
-    unpacked = extract_bundle(archive, tmp_path / "elsewhere" / "bundles")
-    assert unpacked == tmp_path / "elsewhere" / "bundles" / bundle
+    version = json.loads((runs.REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())["version"]
+    assert archive.name == f"{bundle}_v{version}.zip"  # the model zoo's release asset name
+    # MONAI's own downloader, as a user runs it on a published archive
+    downloaded = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "download", "--name", bundle, "--url", archive.as_uri(),
+         "--bundle_dir", str(tmp_path / "elsewhere" / "bundles")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert downloaded.returncode == 0, (downloaded.stdout + downloaded.stderr)[-4000:]
+    unpacked = tmp_path / "elsewhere" / "bundles" / bundle
+    assert (unpacked / "models" / "model.pt").read_bytes() == checkpoint.read_bytes()
     images = tmp_path / "input"
     images.mkdir()
     (images / IMAGE).symlink_to(dev_dir / "images" / IMAGE)
@@ -105,9 +114,18 @@ def test_export_rewrites_references_vendors_common_and_leaves_out_artefacts(tmp_
     assert sorted(p.name for p in vendored.glob("*.py")) == sorted(p.name for p in (runs.REPO / "common").glob("*.py"))
     assert "from scripts.common.io import" in (vendored / "folders.py").read_text()
     assert not (folder / "runs").exists() and not list(folder.rglob("__pycache__"))
+    assert archive.name == "demo_bundle_v0.1.0.zip"
     with zipfile.ZipFile(archive) as opened:
         zipped = {name.rstrip("/") for name in opened.namelist()}
     assert zipped == {f"demo_bundle/{path.relative_to(folder).as_posix()}" for path in folder.rglob("*")}
+
+
+def test_export_refuses_a_version_that_cannot_name_the_archive(tmp_path):
+    bundle = fake_bundle(tmp_path)
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({"version": "../0.1"}))
+    with pytest.raises(ValueError, match="not a dotted version"):
+        export_bundle(bundle, tmp_path / "dist")
+    assert not (tmp_path / "dist").exists()
 
 
 def test_rewrite_touches_only_references_to_the_top_level_package():

@@ -1,7 +1,8 @@
 """What MONAI Label needs from each bundle, checked on the exported (standalone) copy: MONAI's property checks
 (MetaProperties + InferProperties, MetaProperties + TrainProperties), inference driven the way MONAI Label's
-BundleInferTask drives it, and training driven the way its BundleTrainTask does (monailabel itself is not
-installed here; the steps below follow MONAI Label 0.8.5's source)."""
+BundleInferTask drives it, and training driven the way its BundleTrainTask does (the steps below follow MONAI
+Label 0.8.5's source). These run in the project's environment in seconds; the real server, in its own environment,
+is driven over HTTP by tests/test_monailabel_server.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import bundle_runs as runs
@@ -117,9 +119,10 @@ def test_inference_as_monai_label_runs_it_gives_a_cell_label_of_the_image_size(e
         assert sys.modules["scripts.common"].__file__ == str(bundle / "scripts" / "common" / "__init__.py")
     assert isinstance(raw, torch.Tensor) and raw.shape[1] == 5, type(raw)
     assert labels == {"cell": 1}
+    # what MONAI Label's ITK writer takes for a PNG study: 2-D, 8 or 16 bits, in MONAI's (x, y) order
     prediction = data["pred"]
-    assert prediction.shape[-2:] == read_image(dev_dir / "images" / IMAGE).shape[-2:]
-    assert not torch.is_floating_point(prediction) and int(prediction.min()) == 0
+    assert prediction.shape == read_image(dev_dir / "images" / IMAGE).shape[-2:][::-1]
+    assert prediction.dtype == np.uint16 and int(prediction.min()) == 0
 
 
 def test_training_as_monai_label_runs_it_from_labeled_lists_alone(exported, dev_dir):
@@ -146,8 +149,12 @@ def test_training_as_monai_label_runs_it_from_labeled_lists_alone(exported, dev_
         "train#handlers": handlers,
         "validate#dataset#data": items(VALIDATION_IMAGES),
     }
+    before = torch.load(bundle / "models" / "model.pt", weights_only=True)
     with served(bundle):
         run(run_id="run", meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(config), **overrides, **networks, **TRAIN_SETTINGS)
+    # an exported bundle publishes the trained network where MONAI Label serves it from
+    after = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert after.keys() == before.keys() and any(not torch.equal(after[k], before[k]) for k in before)
     # the handlers MONAI Label passed are the trainer's: the bundle's checkpointer among them wrote epoch 1
     trainer_state = torch.load(bundle / "runs" / "checkpoint_last.pt", weights_only=True)["trainer"]
     assert trainer_state["iteration"] == trainer_state["epoch_length"] > 0

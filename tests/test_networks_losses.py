@@ -1,15 +1,17 @@
 """Networks return one tensor of the right shape; losses follow their definitions."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
-from monai.networks.nets import SwinUNETR
+from monai.networks.nets import BasicUNet, SwinUNETR
 
 from common.losses import CrossCTSupervisedLoss, MT2SupervisedLoss, cross_teaching_loss, gaussian_rampup, mt2_consistency_loss
-from common.networks import MultiHeadUNetPlusPlus, PadToMultiple
+from common.networks import CheckpointSizeError, CrossCTNetworks, MultiHeadUNetPlusPlus, PadToMultiple
 
 TINY_FEATURES = (4, 4, 8, 8, 16, 4)
 
@@ -119,3 +121,34 @@ def test_gaussian_rampup_follows_the_formula():
         assert gaussian_rampup(step, total) == pytest.approx(0.1 * math.exp(-5 * (1 - step / total) ** 2))
     assert gaussian_rampup(500, 100) == pytest.approx(0.1)
     assert gaussian_rampup(10, 100, maximum=1.0) == pytest.approx(math.exp(-5 * 0.81))
+
+
+SHIPPED_MT2 = Path(__file__).resolve().parents[1] / "bundles" / "mt2_cell_segmentation" / "models" / "model.pt"
+
+
+def test_a_checkpoint_of_another_size_fails_naming_the_size_it_holds():
+    """Non-strict loading (MONAI Label's) cannot skip a size mismatch: the error says which features to set."""
+    from monai.handlers import CheckpointLoader
+    from ignite.engine import Engine
+
+    shipped = torch.load(SHIPPED_MT2, map_location="cpu", weights_only=True)
+    held = [int(shipped[name].shape[0]) for name in MultiHeadUNetPlusPlus.FEATURE_WEIGHTS]
+    wider = MultiHeadUNetPlusPlus(features=[2 * size for size in held])
+    engine = Engine(lambda engine, batch: None)
+    CheckpointLoader(load_path=str(SHIPPED_MT2), load_dict={"model": wider}, strict=False).attach(engine)
+    with pytest.raises(CheckpointSizeError, match=re.escape(f"features {held}") + ".*--features"):
+        engine.run([0], max_epochs=1)
+    MultiHeadUNetPlusPlus(features=held).load_state_dict(shipped)  # the size it holds loads
+
+
+def test_crossct_networks_name_their_size_settings_on_a_mismatch():
+    def networks(features):
+        return CrossCTNetworks(
+            unet=BasicUNet(spatial_dims=2, in_channels=3, out_channels=5, features=features),
+            swin=torch.nn.Conv2d(3, 5, 1),
+        )
+
+    state = networks((4, 4, 8, 8, 16, 4)).state_dict()
+    with pytest.raises(CheckpointSizeError, match="unet_features"):
+        networks((8, 8, 16, 16, 32, 8)).load_state_dict(state, strict=False)
+    networks((4, 4, 8, 8, 16, 4)).load_state_dict(state)

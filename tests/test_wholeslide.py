@@ -185,7 +185,7 @@ def best_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_whole_slide_and_plain_mode_agree_across_many_seams(bundle, label_mosaic, tmp_path):
     path, truth = label_mosaic
     parser = bundle_config(bundle, output_dir=str(tmp_path), whole_slide=True, tile_size=TILE, tile_halo=HALO)
-    names = ("preprocessing", "inferer", "postprocessing", "whole_slide_segmenter")
+    names = ("preprocessing", "inferer", "instance_postprocessing", "whole_slide_segmenter")
     preprocessing, inferer, postprocessing, segmenter = (parser.get_parsed_content(name) for name in names)
     network = MapsAsLogits()
     with torch.no_grad():

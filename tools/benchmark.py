@@ -328,7 +328,7 @@ def inference(size: int = 1024, threads: int | None = None, repeats: int = 3):
             maps = _label_maps(bundle, label)
             choices = ("interior", "distance") if bundle == "crossct" else ("watershed",)
             for choice in choices:
-                key = f"postprocessing_choices#{choice}" if bundle == "crossct" else "postprocessing"
+                key = f"postprocessing_choices#{choice}" if bundle == "crossct" else "instance_postprocessing"
                 postprocessing = parser.get_parsed_content(key)
                 output_s, from_output = _timed(lambda: postprocessing({"pred": output[0]})["pred"], repeats)
                 maps_s, from_maps = _timed(lambda: postprocessing({"pred": maps})["pred"], repeats)

@@ -1,7 +1,7 @@
 """Export a bundle as a self-contained folder and zip (for MONAI Label and ``monai.bundle``), or unpack one.
 
     python tools/export_bundle.py export bundles/mt2_cell_segmentation --output_dir dist [--checkpoint runs/model.pt] [--overwrite]
-    python tools/export_bundle.py extract dist/mt2_cell_segmentation.zip --target_dir apps/monaibundle/model [--overwrite]
+    python tools/export_bundle.py extract dist/mt2_cell_segmentation_v0.3.1.zip --target_dir apps/monaibundle/model [--overwrite]
 
 ``export`` copies the shared ``common`` package into the copy's ``scripts`` package and rewrites the configs to
 use it, so the copy runs with only third-party packages installed, from any folder, once its folder is on the
@@ -20,7 +20,7 @@ from common.workflows import flag
 
 
 def export(bundle_dir: str, output_dir: str = "dist", checkpoint: str | None = None, overwrite: bool = False) -> None:
-    """Write ``output_dir/<name>/`` and ``output_dir/<name>.zip``.
+    """Write ``output_dir/<name>/`` and ``output_dir/<name>_v<version>.zip`` (the model zoo's release asset name).
 
     Args:
         bundle_dir: the bundle folder, e.g. bundles/mt2_cell_segmentation.

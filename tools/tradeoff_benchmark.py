@@ -113,7 +113,7 @@ class _Segmenter:
         self.network = loaded_network(parser)
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
-        self.postprocessing = parser.get_parsed_content("postprocessing")
+        self.postprocessing = parser.get_parsed_content("instance_postprocessing")
 
     def __call__(self, image_path: str) -> np.ndarray:
         image = self.preprocessing({"image": image_path})["image"]
