@@ -9,6 +9,7 @@ All files are written atomically and hold tensors and plain numbers only, so the
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -93,20 +94,21 @@ class TrainingCheckpointer:
         self._best_checkpoints += [best, model]
 
     def _publish(self, _: Engine) -> None:
-        """Copy this run's best ``model.pt`` (or the final network) to ``publish_to``, atomically."""
+        """Copy the run's best ``model.pt`` (or the final network) to ``publish_to``, atomically."""
         best = self.save_dir / "model.pt"
-        saved_now = best.is_file() and any(checkpoint.last_checkpoint for checkpoint in self._best_checkpoints)
-        network: nn.Module = self.save_dict[self.model_key]
-        state = torch.load(best, map_location="cpu", weights_only=True) if saved_now else network.state_dict()
-        state = state.get(self.model_key, state)
+        validated = best.is_file() and any(checkpoint.last_checkpoint for checkpoint in self._best_checkpoints)
         self.publish_to.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.publish_to.with_name(f".{self.publish_to.name}.tmp")
         try:
-            torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, temporary)
+            if validated:  # model.pt is already the tensor-only state dict to publish
+                shutil.copyfile(best, temporary)
+            else:
+                network: nn.Module = self.save_dict[self.model_key]
+                torch.save({name: tensor.detach().cpu() for name, tensor in network.state_dict().items()}, temporary)
             temporary.replace(self.publish_to)
         finally:
             temporary.unlink(missing_ok=True)
-        what = "the best network of this run" if saved_now else "the final network (this run never validated)"
+        what = "the best network of the run" if validated else "the final network (the run never validated)"
         logger.info("published %s to %s", what, self.publish_to)
 
     def _latest_score(self) -> float | None:

@@ -21,6 +21,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
+from common.labels import label_image
+
 __all__ = [
     "SUPPORTED_IMAGE_SUFFIXES",
     "atomic_output",
@@ -40,7 +42,6 @@ LABEL_SUFFIXES = (*TIFF_SUFFIXES, ".png")
 MAX_CHANNELS = 4
 MIN_SIDE = 2
 INT32_MAX = int(np.iinfo(np.int32).max)
-UINT16_MAX = int(np.iinfo(np.uint16).max)
 UINT32_MAX = int(np.iinfo(np.uint32).max)
 
 # PIL modes whose pixels numpy can take as they are; any other mode is converted to RGB(A) first.
@@ -263,8 +264,8 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> Path:
     label = np.asarray(label)
     if label.ndim != 2:
         raise ValueError(f"{path}: label must be 2-D (H, W), got shape {label.shape}")
-    _, high = _checked_ids(label, path, UINT32_MAX)
-    data = label.astype(np.uint16 if high <= UINT16_MAX else np.uint32)
+    _checked_ids(label, path, UINT32_MAX)  # errors that name the file
+    data = label_image(label)
     with atomic_output(path) as temporary:
         tifffile.imwrite(temporary, data, photometric="minisblack", compression="zlib")
     return path

@@ -53,7 +53,7 @@ def as_instance_label(label, what: str = "label") -> np.ndarray:
 
 
 def label_image(label) -> np.ndarray:
-    """An instance map as the 2-D label image every writer takes: what ``write_label`` stores, in memory.
+    """An instance map as the 2-D label image every writer takes; ``common.io.write_label`` stores exactly this.
 
     Image writers such as ITK's (MONAI Label writes results with it, in the study's own format) take a 2-D
     unsigned image: a (1, H, W) map would be written as a 3-D image, and int32 is not a PNG type.
@@ -78,9 +78,6 @@ class LabelImaged(MapTransform):
     """Dictionary wrapper of :func:`label_image`: ``{key: (1, H, W) or (H, W) instance ids}`` becomes an (H, W)
     uint16/uint32 numpy label image (torch has no uint16 arithmetic; image writers take numpy). The last step of
     each bundle's ``postprocessing``, so that MONAI Label can write the result in the format of any study."""
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
