@@ -54,6 +54,13 @@ __all__ = [
 ]
 
 
+def _positive_range(name: str, value: Sequence[float]) -> Sequence[float]:
+    """``value`` (low, high) when ``0 < low <= high``; else a ValueError naming ``name``."""
+    if not 0 < value[0] <= value[1]:
+        raise ValueError(f"{name} must satisfy 0 < low <= high, got {value}")
+    return value
+
+
 def _check_unit_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3:
@@ -188,7 +195,7 @@ def chosen_families(families: Mapping[str, Sequence], chosen: Sequence[str]) -> 
 class _RandImageTransformd(RandomizableTransform, MapTransform):
     """Apply an array function to every key, with one random parameter drawn per call and shared by the keys."""
 
-    def __init__(self, keys: KeysCollection, prob: float, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, prob: float = 0.1, allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
         self.parameter = None
@@ -221,9 +228,7 @@ class RandPoissonNoised(_RandImageTransformd):
     def __init__(self, keys: KeysCollection, prob: float = 0.1, peak_range: tuple[float, float] = (10.0, 1000.0),
                  allow_missing_keys: bool = False):
         super().__init__(keys, prob, allow_missing_keys)
-        if not 0 < peak_range[0] <= peak_range[1]:
-            raise ValueError(f"peak_range must satisfy 0 < low <= high, got {peak_range}")
-        self.peak_range = peak_range
+        self.peak_range = _positive_range("peak_range", peak_range)
 
     def draw_parameter(self) -> float:
         return float(np.exp(self.R.uniform(np.log(self.peak_range[0]), np.log(self.peak_range[1]))))
@@ -255,9 +260,7 @@ class RandDefocusd(_RandImageTransformd):
     def __init__(self, keys: KeysCollection, prob: float = 0.1, radius_range: tuple[float, float] = (1.0, 3.0),
                  allow_missing_keys: bool = False):
         super().__init__(keys, prob, allow_missing_keys)
-        if not 0 < radius_range[0] <= radius_range[1]:
-            raise ValueError(f"radius_range must satisfy 0 < low <= high, got {radius_range}")
-        self.radius_range = radius_range
+        self.radius_range = _positive_range("radius_range", radius_range)
 
     def draw_parameter(self) -> float:
         return float(self.R.uniform(self.radius_range[0], self.radius_range[1]))
@@ -268,9 +271,6 @@ class RandDefocusd(_RandImageTransformd):
 
 class RandInvertIntensityd(_RandImageTransformd):
     """Dictionary wrapper of :func:`invert_intensity`."""
-
-    def __init__(self, keys: KeysCollection, prob: float = 0.1, allow_missing_keys: bool = False):
-        super().__init__(keys, prob, allow_missing_keys)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         return invert_intensity(image)
