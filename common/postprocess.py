@@ -2,7 +2,8 @@
 
 Three recipes, each an array function plus a dictionary wrapper:
 
-- :func:`mt2_watershed` — MT²: watershed of ``cell - boundary`` from thresholded seeds.
+- :func:`mt2_watershed` — MT²: watershed of ``cell - boundary`` from thresholded seeds (optionally split where
+  they narrow, :func:`split_at_necks`).
 - :func:`interior_components` — the organizers' baseline used by CrossCT: connected components of the
   thresholded interior probability.
 - :func:`distance_watershed` — the distance-map watershed of Scherr et al. for the CrossCT cell- and
@@ -19,10 +20,13 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage as ndi
+from skimage.filters import gaussian
+from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import expand_labels, relabel_sequential, watershed
 
 __all__ = [
     "mt2_watershed",
+    "split_at_necks",
     "interior_components",
     "distance_watershed",
     "MT2Watershedd",
@@ -60,14 +64,52 @@ def _sequential_int32(labels: np.ndarray) -> np.ndarray:
     return relabel_sequential(labels.astype(np.int32, copy=False))[0].astype(np.int32, copy=False)
 
 
-def _seeded_watershed(relief: np.ndarray, seed_mask: np.ndarray, mask: np.ndarray, min_seed_size: int) -> np.ndarray:
-    """Watershed of ``-relief`` from the connected components of ``seed_mask`` (those of at least
-    ``min_seed_size`` px), flooding only inside ``mask``; mask regions without a seed stay background."""
-    seeds, _ = ndi.label(seed_mask & mask, structure=_FULL_CONNECTIVITY)
-    seeds = _drop_small_labels(seeds.astype(np.int32, copy=False), min_seed_size)
+def _seeds(seed_mask: np.ndarray, min_seed_size: int) -> np.ndarray:
+    """(H, W) int32 connected components of ``seed_mask`` with at least ``min_seed_size`` px."""
+    seeds, _ = ndi.label(seed_mask, structure=_FULL_CONNECTIVITY)
+    return _drop_small_labels(seeds.astype(np.int32, copy=False), min_seed_size)
+
+
+def _seeded_watershed(relief: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Watershed of ``-relief`` from the labelled ``seeds`` (inside ``mask``), flooding only inside ``mask``;
+    mask regions without a seed stay background."""
     if not seeds.any():
         return np.zeros(relief.shape, dtype=np.int32)
     return _sequential_int32(watershed(-relief, markers=seeds, mask=mask))
+
+
+def split_at_necks(seeds: np.ndarray, depth: float, sigma: float = 1.0) -> np.ndarray:
+    """Split labelled regions where they narrow: two cells whose seeds touch through a neck get one seed each.
+
+    Each region's Euclidean distance to its outside (smoothed by a Gaussian of ``sigma`` px) has one maximum per
+    lobe; maxima at least ``depth`` px above the saddle that joins them to a higher one (h-maxima) become
+    markers, and a watershed of the negated distance divides the region between them. A region without such a
+    maximum (one thinner than ``depth``) stays whole.
+
+    Args:
+        seeds: (H, W) integer labels, 0 = background, regions that do not touch one another (e.g. connected
+            components).
+        depth: h of the h-maxima, in pixels of distance; 0 returns ``seeds`` relabelled 1..n.
+        sigma: smoothing of the distance map, in pixels, so that ragged outlines do not make maxima.
+
+    Returns:
+        (H, W) int32 labels 1..n covering the pixels of ``seeds``.
+    """
+    seeds = np.asarray(seeds)
+    inside = seeds > 0
+    if depth <= 0 or not inside.any():
+        return _sequential_int32(seeds)
+    distance = ndi.distance_transform_edt(inside)
+    if sigma > 0:
+        distance = gaussian(distance, sigma=sigma, preserve_range=True)
+    # the h-maxima: plateaus of the reconstruction of (distance - depth) under distance; two lobes of one height
+    # joined above that level share one plateau (skimage's h_maxima would mark both tops)
+    levelled = reconstruction(distance - depth, distance, method="dilation")
+    markers, count = ndi.label(local_maxima(levelled, connectivity=2) & inside, structure=_FULL_CONNECTIVITY)
+    unmarked = np.isin(seeds, np.unique(seeds[markers > 0]), invert=True) & inside
+    markers[unmarked] = count + _sequential_int32(np.where(unmarked, seeds, 0))[unmarked]
+    # 4-connected flooding never crosses between regions that do not touch
+    return _sequential_int32(watershed(-distance, markers=markers, mask=inside))
 
 
 def mt2_watershed(
@@ -76,12 +118,16 @@ def mt2_watershed(
     cell_threshold: float = 0.3,
     seed_threshold: float = 0.8,
     min_seed_size: int = 64,
+    neck_depth: float = 0.0,
 ) -> np.ndarray:
     """MT² post-processing (paper section 2.3).
 
     The energy ``cell_prob - boundary_prob`` is thresholded at ``cell_threshold`` for the foreground mask and at
     ``seed_threshold`` for seeds; seeds smaller than ``min_seed_size`` px are discarded as noise, the rest grow
-    by watershed of ``-energy`` inside the mask. Foreground that no seed reaches is dropped.
+    by watershed of ``-energy`` inside the mask. Foreground that no seed reaches is dropped. With
+    ``neck_depth`` > 0, seeds are first split where they narrow (:func:`split_at_necks`): where the boundary
+    head misses the contact between two touching cells their seeds merge into one, and the neck between them
+    is what is left to cut.
 
     Args:
         cell_prob: (H, W) cell heat-map probability in [0, 1] (sigmoid of the cell head), float.
@@ -89,6 +135,7 @@ def mt2_watershed(
         cell_threshold: T_cell, foreground threshold on the energy.
         seed_threshold: T_seed, seed threshold on the energy.
         min_seed_size: S_min, smallest seed kept, in pixels.
+        neck_depth: depth (px of distance) of the necks at which seeds are split; 0, the paper's, splits none.
 
     Returns:
         (H, W) int32 instance labels, 0 = background, ids 1..n.
@@ -98,7 +145,9 @@ def mt2_watershed(
     if cell.shape != boundary.shape:
         raise ValueError(f"cell and boundary maps differ in shape: {cell.shape} vs {boundary.shape}")
     energy = cell - boundary
-    return _seeded_watershed(energy, energy > seed_threshold, energy > cell_threshold, min_seed_size)
+    mask = energy > cell_threshold
+    seeds = split_at_necks(_seeds((energy > seed_threshold) & mask, min_seed_size), neck_depth)
+    return _seeded_watershed(energy, seeds, mask)
 
 
 def interior_components(
@@ -166,8 +215,9 @@ def distance_watershed(
     neighbor = _as_float_map(neighbor_distance, "neighbor_distance")
     if cell.shape != neighbor.shape:
         raise ValueError(f"cell and neighbor maps differ in shape: {cell.shape} vs {neighbor.shape}")
-    seed_mask = (cell - neighbor**2) > seed_threshold
-    return _seeded_watershed(cell, seed_mask, cell > mask_threshold, min_seed_size)
+    mask = cell > mask_threshold
+    seeds = _seeds(((cell - neighbor**2) > seed_threshold) & mask, min_seed_size)
+    return _seeded_watershed(cell, seeds, mask)
 
 
 class _ChannelPostprocessd(MapTransform):
@@ -208,13 +258,16 @@ class MT2Watershedd(_ChannelPostprocessd):
         cell_threshold: float = 0.3,
         seed_threshold: float = 0.8,
         min_seed_size: int = 64,
+        neck_depth: float = 0.0,
         output_key: str | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, output_key, allow_missing_keys)
         self.channels = (cell_channel, boundary_channel)
         self.sigmoid = sigmoid
-        self.params = dict(cell_threshold=cell_threshold, seed_threshold=seed_threshold, min_seed_size=min_seed_size)
+        self.params = dict(
+            cell_threshold=cell_threshold, seed_threshold=seed_threshold, min_seed_size=min_seed_size, neck_depth=neck_depth
+        )
 
     def instances(self, prediction: np.ndarray) -> np.ndarray:
         cell, boundary = (prediction[c] for c in self.channels)

@@ -13,6 +13,7 @@ from common.postprocess import (
     distance_watershed,
     interior_components,
     mt2_watershed,
+    split_at_necks,
 )
 
 
@@ -71,6 +72,36 @@ def test_mt2_watershed_thresholds_are_parameters():
     cell = np.full((32, 32), 0.7, np.float32)
     assert mt2_watershed(cell, np.zeros_like(cell)).max() == 0  # 0.7 < T_seed 0.8
     assert mt2_watershed(cell, np.zeros_like(cell), seed_threshold=0.6).max() == 1
+
+
+def test_split_at_necks_cuts_a_dumbbell_between_its_lobes_and_keeps_round_and_thin_regions_whole():
+    shape = (80, 160)
+    dumbbell = two_touching_discs(shape) > 0  # two radius-20 lobes joined by a neck ~19 px wide
+    round_cell = disc(shape, (40, 135), 12)
+    thin = np.zeros(shape, bool)
+    thin[72:75, 10:150] = True  # 3 px wide: its distance never reaches the depth
+    seeds = ndi.label(dumbbell | round_cell | thin)[0]
+    split = split_at_necks(seeds, depth=2.0)
+    assert split.dtype == np.int32 and split.max() == 4
+    assert np.array_equal(split > 0, seeds > 0)
+    left, right = (split == split[40, 40]), (split == split[40, 76])
+    assert split[40, 40] != split[40, 76]
+    assert iou(left, disc(shape, (40, 40), 20)) > 0.85 and iou(right, disc(shape, (40, 76), 20)) > 0.85
+    assert len(np.unique(split[round_cell])) == 1 and len(np.unique(split[thin])) == 1
+    # depth 0 is the identity (relabelled), and a neck shallower than the depth is not cut
+    assert np.array_equal(split_at_necks(seeds, depth=0) > 0, seeds > 0) and split_at_necks(seeds, depth=0).max() == 3
+    assert split_at_necks(seeds, depth=15.0).max() == 3
+
+
+def test_mt2_watershed_neck_depth_splits_touching_cells_the_boundary_head_missed():
+    label = two_touching_discs()
+    cell = (label > 0).astype(np.float32)  # one merged seed: no boundary between the two cells
+    no_boundary = np.zeros_like(cell)
+    assert mt2_watershed(cell, no_boundary, min_seed_size=16).max() == 1
+    result = mt2_watershed(cell, no_boundary, min_seed_size=16, neck_depth=2.0)
+    assert result.max() == 2
+    for instance in (1, 2):
+        assert max(iou(result == k, label == instance) for k in (1, 2)) > 0.85
 
 
 def test_interior_components_fills_small_holes_drops_small_objects_and_is_8_connected():
@@ -149,6 +180,8 @@ def test_dictionary_wrappers_read_channels_and_keep_metadata():
     assert mt2["instances"].shape == (1, *label.shape) and mt2["instances"].dtype == torch.int32
     assert mt2["instances"].meta["filename_or_obj"] == "x.png"
     assert mt2["instances"].max() == 1  # no boundary signal: the two cells stay one object
+    necks = MT2Watershedd(keys="pred", sigmoid=True, min_seed_size=16, neck_depth=2.0)({"pred": prediction})
+    assert necks["pred"].max() == 2  # unless their merged seed is cut at its neck
 
     interior = InteriorComponentsd(keys="pred", softmax=True)({"pred": prediction})
     assert interior["pred"].max() == 1 and interior["pred"].shape == (1, *label.shape)

@@ -15,7 +15,7 @@ MT2_INFERENCE = Path(__file__).resolve().parents[1] / "bundles" / "mt2_cell_segm
 @pytest.mark.parametrize(
     "method, settings",
     [
-        ("mt2", config_values(MT2_INFERENCE, ("cell_threshold", "seed_threshold", "min_seed_size"))),
+        ("mt2", config_values(MT2_INFERENCE, ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth"))),
         ("crossct", {}),
     ],
 )

@@ -1,5 +1,6 @@
 """tools/tune_thresholds.py on real dev images with a small random network: every valid combination is scored
-once, the reported best is the best line, and each line's F1 is the mean of its per-image F1s."""
+once, the reported best is the best line within the objects-per-cell bound, and each line's F1 is the mean of its
+per-image F1s."""
 
 from __future__ import annotations
 
@@ -30,13 +31,18 @@ def test_every_combination_is_scored_and_the_best_is_the_highest(tmp_path, dev_d
     torch.manual_seed(0)
     torch.save(MultiHeadUNetPlusPlus(features=FEATURES).state_dict(), tmp_path / "model.pt")
     overrides = {"features": FEATURES, "roi_size": [64, 64], "scales": [1.0]}
-    best = tool.tune(str(tmp_path / "val"), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.2, 0.5]", "[16]", json.dumps(overrides))
+    best = tool.tune(
+        str(tmp_path / "val"), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.2, 0.5]", "[16]", "[0, 2]", json.dumps(overrides)
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     combos = [line for line in lines if "best" not in line]
     # (0.3, 0.2) is skipped: a seed threshold below the mask threshold makes seeds outside the mask
-    assert [(c["cell_threshold"], c["seed_threshold"]) for c in combos] == [(0.0, 0.2), (0.0, 0.5), (0.3, 0.5)]
+    settings = [(c["cell_threshold"], c["seed_threshold"], c["neck_depth"]) for c in combos]
+    assert settings == [(0.0, 0.2, 0), (0.0, 0.2, 2), (0.0, 0.5, 0), (0.0, 0.5, 2), (0.3, 0.5, 0), (0.3, 0.5, 2)]
     for line in combos:
         assert set(line["per_image_f1"]) == {name.rsplit(".", 1)[0] for name in IMAGES}
         assert line["mean_f1"] == pytest.approx(sum(line["per_image_f1"].values()) / len(IMAGES), abs=1e-4)
-    assert best["mean_f1"] == max(line["mean_f1"] for line in combos)
+        assert line["max_objects_per_cell"] >= line["mean_objects_per_cell"]
+    within = [line for line in combos if line["max_objects_per_cell"] <= 1.5]
+    assert best == (max(within, key=lambda line: line["mean_f1"]) if within else None)
     assert lines[-1] == {"best": best}

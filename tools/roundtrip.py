@@ -18,7 +18,7 @@ from common.roundtrip import roundtrip_scores
 from common.workflows import config_values
 
 MT2_INFERENCE = Path(__file__).resolve().parents[1] / "bundles" / "mt2_cell_segmentation" / "configs" / "inference.yaml"
-MT2_SETTINGS = ("cell_threshold", "seed_threshold", "min_seed_size")
+MT2_SETTINGS = ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth")
 
 
 def roundtrip(dataset_dir: str, modalities: str | None = None) -> None:

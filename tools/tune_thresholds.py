@@ -1,13 +1,15 @@
 """Choose MT²'s post-processing thresholds on a labeled folder (the validation split, never a test set).
 
     python tools/tune_thresholds.py --dataset_dir VAL [--checkpoint model.pt] [--cell_thresholds "[0.2,0.3,0.4,0.5]"]
-        [--seed_thresholds "[0.4,0.5,0.6,0.7,0.8]"] [--min_seed_sizes "[16,32]"] [--overrides "{...}"]
+        [--seed_thresholds "[0.4,0.5,0.6,0.7,0.8]"] [--min_seed_sizes "[16,32]"] [--neck_depths "[0,1,1.5,2,3]"]
+        [--overrides "{...}"] [--max_objects_per_cell 1.5]
 
 The network runs once per image with the bundle's own ``configs/inference.yaml`` (preprocessing, multi-scale
-inferer, weights); then every combination of ``cell_threshold``, ``seed_threshold`` and ``min_seed_size`` is
-applied to the stored probabilities and scored with the challenge F1. Prints one JSON line per combination (mean
-F1 over the images, and the mean ratio of objects found to cells) and last the best one, ready for the
-inference config. ``VAL`` holds ``images/`` and ``labels/``.
+inferer, weights); then every combination of ``cell_threshold``, ``seed_threshold``, ``min_seed_size`` and
+``neck_depth`` is applied to the stored probabilities and scored with the challenge F1. Prints one JSON line per
+combination (mean F1 over the images, the mean and the largest ratio of objects found to cells, as the challenge
+counts them) and last the best one, ready for the inference config: the highest mean F1 among the combinations that
+give no image more than ``--max_objects_per_cell`` (1.5) objects per cell. ``VAL`` holds ``images/`` and ``labels/``.
 """
 
 from __future__ import annotations
@@ -59,33 +61,44 @@ def tune(
     cell_thresholds="[0.2, 0.3, 0.4, 0.5]",
     seed_thresholds="[0.4, 0.5, 0.6, 0.7, 0.8]",
     min_seed_sizes="[16, 32]",
+    neck_depths="[0, 1, 1.5, 2, 3]",
     overrides: str | dict = "{}",
-) -> dict:
-    """Score every threshold combination; print JSON lines and return the best (highest mean F1)."""
+    max_objects_per_cell: float | None = 1.5,
+) -> dict | None:
+    """Score every threshold combination; print JSON lines and return the best: the highest mean F1 among the
+    combinations that give no image more than ``max_objects_per_cell`` objects per cell (None: no bound), or None
+    when none does."""
     overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
     images = _probabilities(Path(dataset_dir), checkpoint, overrides)
     if not images:
         raise SystemExit(f"tune_thresholds: no labeled images in {dataset_dir}")
     best = None
-    grid = itertools.product(_numbers(cell_thresholds), _numbers(seed_thresholds), _numbers(min_seed_sizes))
-    for cell_threshold, seed_threshold, min_seed_size in grid:
+    grid = itertools.product(
+        _numbers(cell_thresholds), _numbers(seed_thresholds), _numbers(min_seed_sizes), _numbers(neck_depths)
+    )
+    for cell_threshold, seed_threshold, min_seed_size, neck_depth in grid:
         if seed_threshold < cell_threshold:
             continue
         f1s, ratios = [], []
         for _, (cell, boundary), label in images:
-            found = mt2_watershed(cell, boundary, cell_threshold, seed_threshold, int(min_seed_size))
-            f1s.append(f1_from_counts(challenge_counts(label, found)))
-            ratios.append(int(found.max()) / max(1, len(np.unique(label)) - 1))
+            found = mt2_watershed(cell, boundary, cell_threshold, seed_threshold, int(min_seed_size), neck_depth)
+            counts = challenge_counts(label, found)
+            f1s.append(f1_from_counts(counts))
+            # objects per cell as the challenge counts them (after its border rule), as the model cards report
+            ratios.append((counts.tp + counts.fp) / max(1, counts.tp + counts.fn))
         line = {
             "cell_threshold": cell_threshold,
             "seed_threshold": seed_threshold,
             "min_seed_size": int(min_seed_size),
+            "neck_depth": neck_depth,
             "mean_f1": round(float(np.mean(f1s)), 4),
             "mean_objects_per_cell": round(float(np.mean(ratios)), 3),
+            "max_objects_per_cell": round(float(np.max(ratios)), 3),
             "per_image_f1": {name: round(f1, 4) for (name, _, _), f1 in zip(images, f1s)},
         }
         print(json.dumps(line), flush=True)
-        if best is None or line["mean_f1"] > best["mean_f1"]:
+        within = max_objects_per_cell is None or line["max_objects_per_cell"] <= max_objects_per_cell
+        if within and (best is None or line["mean_f1"] > best["mean_f1"]):
             best = line
     print(json.dumps({"best": best}), flush=True)
     return best
