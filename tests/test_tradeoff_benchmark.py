@@ -61,13 +61,14 @@ def test_a_real_run_scores_as_the_bundle_evaluation_does(dev_dir, tmp_path, caps
 
 
 def test_override_files_change_only_settings_inference_yaml_has_and_build():
-    """inference_quality.yaml and inference_fast.yaml merged after inference.yaml: every key they set is an inference setting
-    (a misspelt key would silently add a new one), and the merged inferer is built with their values."""
+    """inference_quality.yaml, inference_fast.yaml and inference_paper.yaml merged after inference.yaml: every key
+    they set is an inference setting (a misspelt key would silently add a new one), and the merged inferer is built
+    with their values."""
     import yaml
     from monai.bundle import ConfigParser
 
     overrides = sorted((runs.REPO / "bundles").glob("*/configs/inference_*.yaml"))
-    assert {path.name for path in overrides} == {"inference_quality.yaml", "inference_fast.yaml"}
+    assert {path.name for path in overrides} == {"inference_quality.yaml", "inference_fast.yaml", "inference_paper.yaml"}
     for path in overrides:
         base = path.parent / "inference.yaml"
         settings = yaml.safe_load(path.read_text())
@@ -78,3 +79,14 @@ def test_override_files_change_only_settings_inference_yaml_has_and_build():
         for key, value in settings.items():
             assert parser.get_parsed_content(key) == value, (path, key)
         assert parser.get_parsed_content("inferer") is not None
+
+
+def test_settings_given_as_json_on_the_command_line_keep_their_booleans():
+    from fire import parser
+
+    command_line = '[{"test_time_flips": false, "scales": [1.0]}, {"test_time_flips": true}]'
+    as_fire_passes_it = parser.DefaultParseValue(command_line)
+    assert as_fire_passes_it[0]["test_time_flips"] == "false"  # what the tool must undo
+    expected = [{"test_time_flips": False, "scales": [1.0]}, {"test_time_flips": True}]
+    assert tool.settings_grid(as_fire_passes_it) == expected
+    assert tool.settings_grid(command_line) == expected
