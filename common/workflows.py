@@ -4,6 +4,7 @@ inference from Python."""
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,7 @@ __all__ = [
     "loaded_network",
     "config_values",
     "flag",
+    "command_line_json",
 ]
 
 DATALIST_NAME = "datalist.json"
@@ -42,6 +44,29 @@ def flag(value: Any) -> bool:
     if text in ("false", "no", "off", "0"):
         return False
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+_JSON_WORDS = {"true": True, "false": False, "null": None}
+
+
+def command_line_json(value: Any) -> Any:
+    """A JSON argument of a ``fire`` tool (``--overrides '{"test_time_flips": false}'``), as JSON says it.
+
+    ``fire`` parses such an argument as a Python literal before the tool sees it and keeps JSON's bare ``true``,
+    ``false`` and ``null`` as strings, where "false" counts as true: they are mapped back, in nested dicts and
+    lists too. A string (from Python, or one ``fire`` could not parse) is read as JSON.
+    """
+    if isinstance(value, str):
+        return json.loads(value)
+
+    def restored(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {key: restored(inner) for key, inner in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [restored(inner) for inner in item]
+        return _JSON_WORDS.get(item, item) if isinstance(item, str) else item
+
+    return restored(value)
 
 
 def published_model_path(bundle_root: str | Path) -> str:

@@ -80,13 +80,3 @@ def test_override_files_change_only_settings_inference_yaml_has_and_build():
             assert parser.get_parsed_content(key) == value, (path, key)
         assert parser.get_parsed_content("inferer") is not None
 
-
-def test_settings_given_as_json_on_the_command_line_keep_their_booleans():
-    from fire import parser
-
-    command_line = '[{"test_time_flips": false, "scales": [1.0]}, {"test_time_flips": true}]'
-    as_fire_passes_it = parser.DefaultParseValue(command_line)
-    assert as_fire_passes_it[0]["test_time_flips"] == "false"  # what the tool must undo
-    expected = [{"test_time_flips": False, "scales": [1.0]}, {"test_time_flips": True}]
-    assert tool.settings_grid(as_fire_passes_it) == expected
-    assert tool.settings_grid(command_line) == expected

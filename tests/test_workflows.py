@@ -5,7 +5,7 @@ from __future__ import annotations
 import fire
 import pytest
 
-from common.workflows import flag
+from common.workflows import command_line_json, flag
 
 
 @pytest.mark.parametrize("value", [True, 1, "true", "True", "yes", "on", "1"])
@@ -28,3 +28,17 @@ def test_command_line_false_is_false():
 def test_anything_else_is_an_error(value):
     with pytest.raises(ValueError, match="expected true or false"):
         flag(value)
+
+
+def test_json_given_on_a_fire_command_line_keeps_its_booleans():
+    """tools/benchmark.py tradeoff --settings and tools/tune_thresholds.py --overrides take JSON through fire."""
+    from fire import parser
+
+    command_line = '[{"test_time_flips": false, "scales": [1.0]}, {"test_time_flips": true}]'
+    as_fire_passes_it = parser.DefaultParseValue(command_line)
+    assert as_fire_passes_it[0]["test_time_flips"] == "false"  # what the tools must undo
+    expected = [{"test_time_flips": False, "scales": [1.0]}, {"test_time_flips": True}]
+    assert command_line_json(as_fire_passes_it) == expected
+    assert command_line_json(command_line) == expected
+    overrides = parser.DefaultParseValue('{"test_time_flips": true, "checkpoint": null, "roi_size": [256, 256]}')
+    assert command_line_json(overrides) == {"test_time_flips": True, "checkpoint": None, "roi_size": [256, 256]}

@@ -179,25 +179,6 @@ def plot(lines: list[dict], path: str | Path, title: str) -> Path:
     return Path(path)
 
 
-_JSON_WORDS = {"true": True, "false": False, "null": None}
-
-
-def settings_grid(settings: str | list) -> list[dict]:
-    """The ``--settings`` list, as JSON says it. ``fire`` parses a command-line list as a Python literal and keeps
-    JSON's bare ``true``/``false``/``null`` as strings, and the string "false" is true: map them back."""
-    if isinstance(settings, str):
-        return json.loads(settings)
-
-    def undo(value):
-        if isinstance(value, dict):
-            return {key: undo(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [undo(item) for item in value]
-        return _JSON_WORDS.get(value, value) if isinstance(value, str) else value
-
-    return [undo(overrides) for overrides in settings]
-
-
 def tradeoff(bundle: str = "mt2", dataset_dir: str | None = None, settings: str | list | None = None,
              output_dir: str = ".", checkpoint: str | None = None, images: int | None = None):
     """Score and time each setting of ``bundle`` on a labeled folder; write JSON lines and a plot.
@@ -210,11 +191,13 @@ def tradeoff(bundle: str = "mt2", dataset_dir: str | None = None, settings: str 
         checkpoint: weights other than the bundle's ``models/model.pt``.
         images: use only the first N images.
     """
+    from common.workflows import command_line_json
+
     items = folder_items(dataset_dir) if dataset_dir else dev_validation_items()
     items = items[:images] if images else items
     if not items:
         raise SystemExit(f"tradeoff: no labeled images in {dataset_dir}")
-    grid = settings_grid(settings) if settings is not None else SETTINGS[bundle]
+    grid = command_line_json(settings) if settings is not None else SETTINGS[bundle]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from common.io import label_path_for, list_images, read_label
 from common.metrics import challenge_counts, f1_from_counts
 from common.postprocess import mt2_watershed
-from common.workflows import inference_config, loaded_network
+from common.workflows import command_line_json, inference_config, loaded_network
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "mt2_cell_segmentation"
@@ -68,7 +68,7 @@ def tune(
     """Score every threshold combination; print JSON lines and return the best: the highest mean F1 among the
     combinations that give no image more than ``max_objects_per_cell`` objects per cell (None: no bound), or None
     when none does."""
-    overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
+    overrides = command_line_json(overrides)
     images = _probabilities(Path(dataset_dir), checkpoint, overrides)
     if not images:
         raise SystemExit(f"tune_thresholds: no labeled images in {dataset_dir}")
