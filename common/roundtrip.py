@@ -1,5 +1,5 @@
 """Label -> targets -> post-processing round trips: how faithfully a pair of (training target, instance
-post-processing) can give back the instances it was made from, with the defaults the bundles ship."""
+post-processing) can give back the instances it was made from, with the settings the bundles ship."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 from common.evaluation import ImageScore
 from common.io import read_label
 from common.metrics import challenge_counts
-from common.postprocess import distance_watershed, mt2_watershed
-from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map
+from common.postprocess import distance_watershed, interior_components, mt2_watershed
+from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map, three_class_map
 
-__all__ = ["ROUND_TRIPS", "mt2_roundtrip", "crossct_roundtrip", "roundtrip_scores"]
+__all__ = ["ROUND_TRIPS", "mt2_roundtrip", "crossct_roundtrip", "crossct_distance_roundtrip", "roundtrip_scores"]
 
 
 def mt2_roundtrip(label: np.ndarray, **watershed_settings) -> np.ndarray:
@@ -25,13 +25,24 @@ def mt2_roundtrip(label: np.ndarray, **watershed_settings) -> np.ndarray:
     return mt2_watershed(cell, boundary, **watershed_settings)
 
 
-def crossct_roundtrip(label: np.ndarray, **watershed_settings) -> np.ndarray:
+def crossct_roundtrip(label: np.ndarray, interior_threshold: float = 0.5, expand_px: float = 0) -> np.ndarray:
+    """CrossCT 3-class map -> its interior class as a probability -> interior components (CrossCT's shipped
+    post-processing, with its inference config's names for the settings); (H, W) int32 instances."""
+    interior = (three_class_map(label) == 1).astype(np.float32)
+    return interior_components(interior, threshold=interior_threshold, expand_px=expand_px)
+
+
+def crossct_distance_roundtrip(label: np.ndarray, **watershed_settings) -> np.ndarray:
     """CrossCT cell- and neighbor-distance maps -> distance-map watershed (``watershed_settings`` passed to
     :func:`common.postprocess.distance_watershed`); (H, W) int32 instances."""
     return distance_watershed(cell_distance_map(label), neighbor_distance_map(label), **watershed_settings)
 
 
-ROUND_TRIPS: dict[str, Callable[..., np.ndarray]] = {"mt2": mt2_roundtrip, "crossct": crossct_roundtrip}
+ROUND_TRIPS: dict[str, Callable[..., np.ndarray]] = {
+    "mt2": mt2_roundtrip,
+    "crossct": crossct_roundtrip,
+    "crossct_distance": crossct_distance_roundtrip,
+}
 
 
 def roundtrip_scores(label_files: Iterable[str | Path], method: str, **watershed_settings) -> list[ImageScore]:

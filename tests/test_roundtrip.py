@@ -9,14 +9,17 @@ import pytest
 from common.roundtrip import roundtrip_scores
 from common.workflows import config_values
 
-MT2_INFERENCE = Path(__file__).resolve().parents[1] / "bundles" / "mt2_cell_segmentation" / "configs" / "inference.yaml"
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+MT2_INFERENCE = BUNDLES / "mt2_cell_segmentation" / "configs" / "inference.yaml"
+CROSSCT_INFERENCE = BUNDLES / "crossct_cell_segmentation" / "configs" / "inference.yaml"
 
 
 @pytest.mark.parametrize(
     "method, settings",
     [
         ("mt2", config_values(MT2_INFERENCE, ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth"))),
-        ("crossct", {}),
+        ("crossct", config_values(CROSSCT_INFERENCE, ("interior_threshold", "expand_px"))),
+        ("crossct_distance", {}),
     ],
 )
 def test_targets_then_postprocessing_give_back_the_labels(method, settings, dev_pairs, dev_modalities):

@@ -1,6 +1,6 @@
-"""tools/tune_thresholds.py on real dev images with a small random network: every valid combination is scored
-once, the reported best is the best line within the objects-per-cell bound, and each line's F1 is the mean of its
-per-image F1s."""
+"""tools/tune_thresholds.py on real dev images with small random networks (MT² and CrossCT): every valid combination
+is scored once, the reported best is the best line within the objects-per-cell bound, and each line's F1 is the mean
+of its per-image F1s."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.networks import MultiHeadUNetPlusPlus
+from common.workflows import inference_config
 
 _spec = importlib.util.spec_from_file_location("tune_thresholds", os.path.join(os.path.dirname(__file__), "..", "tools", "tune_thresholds.py"))
 tool = importlib.util.module_from_spec(_spec)
@@ -19,22 +20,32 @@ _spec.loader.exec_module(tool)
 
 IMAGES = ["dsb_9774c8239632.png", "dsb_52a6b8ae4c8e.png"]
 FEATURES = [4, 4, 8, 8, 16, 4]
+CROSSCT = {"unet_features": [4, 4, 8, 8, 16, 4], "swin_feature_size": 12, "roi_size": [64, 64]}
+
+
+def _validation_folder(root, dev_dir):
+    for sub in ("images", "labels"):
+        (root / "val" / sub).mkdir(parents=True)
+    for name in IMAGES:
+        stem = name.rsplit(".", 1)[0]
+        os.symlink(dev_dir / "images" / name, root / "val" / "images" / name)
+        os.symlink(dev_dir / "labels" / f"{stem}_label.tiff", root / "val" / "labels" / f"{stem}_label.tiff")
+    return root / "val"
+
+
+def _printed_lines(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
 def test_every_combination_is_scored_and_the_best_is_the_highest(tmp_path, dev_dir, capsys):
-    for sub in ("images", "labels"):
-        (tmp_path / "val" / sub).mkdir(parents=True)
-    for name in IMAGES:
-        stem = name.rsplit(".", 1)[0]
-        os.symlink(dev_dir / "images" / name, tmp_path / "val" / "images" / name)
-        os.symlink(dev_dir / "labels" / f"{stem}_label.tiff", tmp_path / "val" / "labels" / f"{stem}_label.tiff")
+    _validation_folder(tmp_path, dev_dir)
     torch.manual_seed(0)
     torch.save(MultiHeadUNetPlusPlus(features=FEATURES).state_dict(), tmp_path / "model.pt")
     overrides = {"features": FEATURES, "roi_size": [64, 64], "scales": [1.0]}
     best = tool.tune(
         str(tmp_path / "val"), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.2, 0.5]", "[16]", "[0, 2]", json.dumps(overrides)
     )
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    lines = _printed_lines(capsys)
     combos = [line for line in lines if "best" not in line]
     # (0.3, 0.2) is skipped: a seed threshold below the mask threshold makes seeds outside the mask
     settings = [(c["cell_threshold"], c["seed_threshold"], c["neck_depth"]) for c in combos]
@@ -46,3 +57,26 @@ def test_every_combination_is_scored_and_the_best_is_the_highest(tmp_path, dev_d
     within = [line for line in combos if line["max_objects_per_cell"] <= 1.5]
     assert best == (max(within, key=lambda line: line["mean_f1"]) if within else None)
     assert lines[-1] == {"best": best}
+
+
+def test_crossct_grid_is_its_interior_threshold_and_expansion(tmp_path, dev_dir, capsys):
+    val = _validation_folder(tmp_path, dev_dir)
+    torch.manual_seed(0)
+    pair = inference_config(tool.TUNINGS["crossct"].bundle_dir, None, **CROSSCT).get_parsed_content("network_def")
+    torch.save(pair.state_dict(), tmp_path / "model.pt")
+    best = tool.tune(
+        str(val), str(tmp_path / "model.pt"), overrides=json.dumps(CROSSCT), max_objects_per_cell=None,
+        bundle="crossct", interior_thresholds="[0.3, 0.5]", expand_pxs="[0, 2]",
+    )
+    lines = _printed_lines(capsys)
+    combos = [line for line in lines if "best" not in line]
+    assert [(c["interior_threshold"], c["expand_px"]) for c in combos] == [(0.3, 0), (0.3, 2), (0.5, 0), (0.5, 2)]
+    for line in combos:
+        assert line["mean_f1"] == pytest.approx(sum(line["per_image_f1"].values()) / len(IMAGES), abs=1e-4)
+    assert best == max(combos, key=lambda line: line["mean_f1"])
+    assert lines[-1] == {"best": best}
+
+
+def test_an_unknown_bundle_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="crossct"):
+        tool.tune(str(tmp_path), bundle="cellpose")

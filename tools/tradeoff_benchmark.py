@@ -29,6 +29,7 @@ VALIDATION_SPLIT = {"val_fraction": 0.25, "seed": 0, "licenses": ["CC0-1.0", "MI
 
 # the settings that matter, per bundle; {} is the shipped default
 _MT2_SINGLE = {"scales": [1.0]}
+_CROSSCT_NO_FLIPS = {"test_time_flips": False}
 MT2_PAPER = yaml.safe_load((REPO / "bundles" / BUNDLE_DIRS["mt2"] / "configs" / "inference_paper.yaml").read_text())
 SETTINGS = {
     "mt2": [
@@ -50,14 +51,15 @@ SETTINGS = {
     ],
     "crossct": [
         {},
-        {"overlap": 0.5},
-        {"blend_mode": "constant"},
-        {"roi_size": [512, 512]},
-        {"test_time_flips": True},
-        {"postprocess": "distance"},
-        {"network_output": "swin"},
-        {"network_output": "ensemble"},
-        {"network_output": "ensemble", "test_time_flips": True},
+        _CROSSCT_NO_FLIPS,
+        {**_CROSSCT_NO_FLIPS, "interior_threshold": 0.5, "expand_px": 0},  # the organizers' interior components
+        {**_CROSSCT_NO_FLIPS, "overlap": 0.5},
+        {**_CROSSCT_NO_FLIPS, "blend_mode": "constant"},
+        {**_CROSSCT_NO_FLIPS, "roi_size": [512, 512]},
+        {**_CROSSCT_NO_FLIPS, "postprocess": "distance"},
+        {**_CROSSCT_NO_FLIPS, "network_output": "swin"},
+        {**_CROSSCT_NO_FLIPS, "network_output": "ensemble"},
+        {"network_output": "ensemble"},  # inference_quality.yaml
     ],
 }
 

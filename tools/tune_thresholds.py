@@ -1,15 +1,19 @@
-"""Choose MT²'s post-processing thresholds on a labeled folder (the validation split, never a test set).
+"""Choose a bundle's post-processing settings on a labeled folder (the validation split, never a test set).
 
     python tools/tune_thresholds.py --dataset_dir VAL [--checkpoint model.pt] [--cell_thresholds "[0.2,0.3,0.4,0.5]"]
         [--seed_thresholds "[0.4,0.5,0.6,0.7,0.8]"] [--min_seed_sizes "[16,32]"] [--neck_depths "[0,1,1.5,2,3]"]
         [--overrides "{...}"] [--max_objects_per_cell 1.5]
+    python tools/tune_thresholds.py --bundle crossct --dataset_dir VAL [--checkpoint model.pt]
+        [--interior_thresholds "[0.4,0.5,0.6,0.65,0.7]"] [--expand_pxs "[0,1,2,3]"] [--overrides "{...}"]
 
-The network runs once per image with the bundle's own ``configs/inference.yaml`` (preprocessing, multi-scale
-inferer, weights); then every combination of ``cell_threshold``, ``seed_threshold``, ``min_seed_size`` and
-``neck_depth`` is applied to the stored probabilities and scored with the challenge F1. Prints one JSON line per
-combination (mean F1 over the images, the mean and the largest ratio of objects found to cells, as the challenge
-counts them) and last the best one, ready for the inference config: the highest mean F1 among the combinations that
-give no image more than ``--max_objects_per_cell`` (1.5) objects per cell. ``VAL`` holds ``images/`` and ``labels/``.
+The network runs once per image with the bundle's own ``configs/inference.yaml`` (preprocessing, inferer, weights;
+``--overrides`` changes any of its settings, e.g. CrossCT's ``network_output``); then every combination of the
+bundle's settings is applied to the stored maps and scored with the challenge F1. MT²: ``cell_threshold``,
+``seed_threshold``, ``min_seed_size`` and ``neck_depth`` of its watershed; CrossCT: ``interior_threshold`` and
+``expand_px`` of its interior components. Prints one JSON line per combination (mean F1 over the images, the mean
+and the largest ratio of objects found to cells, as the challenge counts them) and last the best one, ready for the
+inference config: the highest mean F1 among the combinations that give no image more than
+``--max_objects_per_cell`` (1.5) objects per cell. ``VAL`` holds ``images/`` and ``labels/``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import fire
 import numpy as np
@@ -25,22 +30,50 @@ from tqdm import tqdm
 
 from common.io import label_path_for, list_images, read_label
 from common.metrics import challenge_counts, f1_from_counts
-from common.postprocess import mt2_watershed
+from common.postprocess import interior_components, mt2_watershed
 from common.workflows import command_line_json, inference_config, loaded_network
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "mt2_cell_segmentation"
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
-def _numbers(value) -> list[float]:
+class _Tuning(NamedTuple):
+    """What tuning needs of a bundle: where it is, the maps its post-processing reads from the inferer's
+    (1, C, H, W) output, that post-processing as ``(maps, **setting) -> (H, W) instances``, and which settings
+    make sense."""
+
+    bundle_dir: Path
+    maps: Callable[[torch.Tensor], np.ndarray]
+    instances: Callable[..., np.ndarray]
+    valid: Callable[[dict], bool]
+
+
+TUNINGS = {
+    "mt2": _Tuning(
+        BUNDLES / "mt2_cell_segmentation",
+        lambda output: output[0, 3:5].float().cpu().numpy(),  # cell and boundary probabilities
+        lambda maps, **setting: mt2_watershed(*maps, **setting),
+        # a seed threshold below the mask threshold makes seeds outside the mask
+        lambda setting: setting["seed_threshold"] >= setting["cell_threshold"],
+    ),
+    "crossct": _Tuning(
+        BUNDLES / "crossct_cell_segmentation",
+        lambda output: torch.softmax(output[0, :3].float(), dim=0)[1:2].cpu().numpy(),  # interior probability
+        lambda maps, interior_threshold, expand_px: interior_components(maps[0], interior_threshold, expand_px=expand_px),
+        lambda setting: True,
+    ),
+}
+
+
+def _numbers(value) -> list[float | int]:
+    """A grid given as JSON text or a list: its numbers, integers kept as such (sizes print as 16, not 16.0)."""
     if isinstance(value, str):
         value = json.loads(value)
-    return [float(item) for item in value]
+    return [item if isinstance(item, int) else float(item) for item in value]
 
 
-def _probabilities(dataset_dir: Path, checkpoint: str | None, overrides: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, (2, H, W) cell and boundary probabilities, label) for every labeled image of ``dataset_dir``."""
-    parser = inference_config(BUNDLE, checkpoint, **overrides)
+def _network_maps(tuning: _Tuning, dataset_dir: Path, checkpoint: str | None, overrides: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, the maps ``tuning`` post-processes, label) for every labeled image of ``dataset_dir``."""
+    parser = inference_config(tuning.bundle_dir, checkpoint, **overrides)
     device = parser.get_parsed_content("device")
     network = loaded_network(parser)
     preprocessing = parser.get_parsed_content("preprocessing")
@@ -50,8 +83,8 @@ def _probabilities(dataset_dir: Path, checkpoint: str | None, overrides: dict) -
         label = read_label(label_path_for(image_path, dataset_dir / "labels"))
         image = preprocessing({"image": str(image_path)})["image"]
         with torch.no_grad():
-            probabilities = inferer(torch.as_tensor(image)[None].to(device), network)[0, 3:5].cpu().numpy()
-        results.append((image_path.stem, probabilities, label))
+            maps = tuning.maps(inferer(torch.as_tensor(image)[None].to(device), network))
+        results.append((image_path.stem, maps, label))
     return results
 
 
@@ -64,33 +97,37 @@ def tune(
     neck_depths="[0, 1, 1.5, 2, 3]",
     overrides: str | dict = "{}",
     max_objects_per_cell: float | None = 1.5,
+    bundle: str = "mt2",
+    interior_thresholds="[0.4, 0.5, 0.6, 0.65, 0.7]",
+    expand_pxs="[0, 1, 2, 3]",
 ) -> dict | None:
-    """Score every threshold combination; print JSON lines and return the best: the highest mean F1 among the
-    combinations that give no image more than ``max_objects_per_cell`` objects per cell (None: no bound), or None
-    when none does."""
+    """Score every setting combination of ``bundle`` (mt2: the first four grids; crossct: the last two); print JSON
+    lines and return the best: the highest mean F1 among the combinations that give no image more than
+    ``max_objects_per_cell`` objects per cell (None: no bound), or None when none does."""
+    if bundle not in TUNINGS:
+        raise SystemExit(f"tune_thresholds: --bundle must be one of {sorted(TUNINGS)}, not {bundle!r}")
+    tuning = TUNINGS[bundle]
+    grids = {
+        "mt2": dict(cell_threshold=cell_thresholds, seed_threshold=seed_thresholds, min_seed_size=min_seed_sizes, neck_depth=neck_depths),
+        "crossct": dict(interior_threshold=interior_thresholds, expand_px=expand_pxs),
+    }[bundle]
     overrides = command_line_json(overrides)
-    images = _probabilities(Path(dataset_dir), checkpoint, overrides)
+    images = _network_maps(tuning, Path(dataset_dir), checkpoint, overrides)
     if not images:
         raise SystemExit(f"tune_thresholds: no labeled images in {dataset_dir}")
     best = None
-    grid = itertools.product(
-        _numbers(cell_thresholds), _numbers(seed_thresholds), _numbers(min_seed_sizes), _numbers(neck_depths)
-    )
-    for cell_threshold, seed_threshold, min_seed_size, neck_depth in grid:
-        if seed_threshold < cell_threshold:
+    for values in itertools.product(*(_numbers(grid) for grid in grids.values())):
+        setting = dict(zip(grids, values))
+        if not tuning.valid(setting):
             continue
         f1s, ratios = [], []
-        for _, (cell, boundary), label in images:
-            found = mt2_watershed(cell, boundary, cell_threshold, seed_threshold, int(min_seed_size), neck_depth)
-            counts = challenge_counts(label, found)
+        for _, maps, label in images:
+            counts = challenge_counts(label, tuning.instances(maps, **setting))
             f1s.append(f1_from_counts(counts))
             # objects per cell as the challenge counts them (after its border rule), as the model cards report
             ratios.append((counts.tp + counts.fp) / max(1, counts.tp + counts.fn))
         line = {
-            "cell_threshold": cell_threshold,
-            "seed_threshold": seed_threshold,
-            "min_seed_size": int(min_seed_size),
-            "neck_depth": neck_depth,
+            **setting,
             "mean_f1": round(float(np.mean(f1s)), 4),
             "mean_objects_per_cell": round(float(np.mean(ratios)), 3),
             "max_objects_per_cell": round(float(np.max(ratios)), 3),
