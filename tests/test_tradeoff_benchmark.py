@@ -79,4 +79,3 @@ def test_override_files_change_only_settings_inference_yaml_has_and_build():
         for key, value in settings.items():
             assert parser.get_parsed_content(key) == value, (path, key)
         assert parser.get_parsed_content("inferer") is not None
-

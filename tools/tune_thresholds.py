@@ -57,8 +57,8 @@ TUNINGS = {
     ),
     "crossct": _Tuning(
         BUNDLES / "crossct_cell_segmentation",
-        lambda output: torch.softmax(output[0, :3].float(), dim=0)[1:2].cpu().numpy(),  # interior probability
-        lambda maps, interior_threshold, expand_px: interior_components(maps[0], interior_threshold, expand_px=expand_px),
+        lambda output: torch.softmax(output[0, :3].float(), dim=0)[1].cpu().numpy(),  # interior probability
+        lambda interior, interior_threshold, expand_px: interior_components(interior, interior_threshold, expand_px=expand_px),
         lambda setting: True,
     ),
 }
