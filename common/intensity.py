@@ -6,6 +6,12 @@ Two normalizations are offered because the two methods differ (see notes/methods
   percentiles of its non-zero pixels. The organizers map to [0, 255] uint8; here the result stays float in
   [0, 1] (their value / 255 without the 8-bit rounding).
 - :func:`normalize_whole` -- MT²'s: one pair of percentiles over the whole array.
+
+Both take ``max_noise``, a ceiling on the noise the stretch may give the result. On a mostly dark image with a few
+cells, the 1st and 99th percentiles both fall in the background, and the stretch spreads the camera's noise over
+the whole [0, 1] range: the networks, trained on images whose noise after normalization is a few hundredths, see
+texture everywhere. With ``max_noise`` the stretch is widened (its upper end raised) until the noise, estimated
+by :func:`noise_sigma`, is ``max_noise``; images whose noise is already below it are not changed at all.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ __all__ = [
     "FLAT_RANGE",
     "NormalizeIntensityPercentiled",
     "ToThreeChannelsd",
+    "noise_sigma",
     "normalize_per_channel",
     "normalize_whole",
     "to_three_channels",
@@ -50,6 +57,63 @@ def _check_finite(image: np.ndarray) -> None:
 def _check_percentiles(lower: float, upper: float) -> None:
     if not 0.0 <= lower < upper <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got lower={lower}, upper={upper}")
+
+
+def _check_max_noise(max_noise: float | None) -> None:
+    if max_noise is not None and not max_noise > 0:
+        raise ValueError(f"max_noise must be positive or None, got {max_noise}")
+
+
+# Rows per band of noise_sigma: bounds its float64 working memory on big images (about 20 MB a band for a
+# 10,000 px wide image), and the whole-slide path sums the same bands, so both give the same estimate to the bit.
+NOISE_BAND_ROWS = 256
+
+
+def noise_sigma(channel: np.ndarray) -> float:
+    """Standard deviation of a channel's white noise, by Immerkaer's estimator.
+
+    J. Immerkaer, "Fast noise variance estimation", Computer Vision and Image Understanding 64(2), 1996: the mean
+    absolute response to the 3 x 3 difference of two Laplacians, which cancels (locally) linear intensity, times
+    sqrt(pi / 2) / 6. Edges and fine texture add to it, so it over- rather than under-estimates.
+
+    Args:
+        channel: (H, W) array of any real type; read as float32 (what :func:`common.io.read_image` returns), summed
+            in float64 over bands of ``NOISE_BAND_ROWS`` rows.
+
+    Returns:
+        sigma in the channel's own units; 0.0 for a channel under 3 x 3 px.
+    """
+    channel = np.asarray(channel)
+    height, width = channel.shape
+    if height < 3 or width < 3:
+        return 0.0
+    total = 0.0
+    for top in range(0, height - 2, NOISE_BAND_ROWS):
+        rows = channel[top : min(top + NOISE_BAND_ROWS + 2, height)].astype(np.float32).astype(np.float64)
+        above, middle, below = rows[:-2], rows[1:-1], rows[2:]
+        response = (
+            above[:, :-2] - 2 * above[:, 1:-1] + above[:, 2:]
+            - 2 * (middle[:, :-2] - 2 * middle[:, 1:-1] + middle[:, 2:])
+            + below[:, :-2] - 2 * below[:, 1:-1] + below[:, 2:]
+        )
+        total += float(np.abs(response).sum())
+    return float(np.sqrt(np.pi / 2) * total / (6 * (height - 2) * (width - 2)))
+
+
+def ceiled_high(low: float, high: float, sigma: float, max_noise: float | None) -> float:
+    """The stretch's upper end raised, where needed, so that noise ``sigma`` becomes at most ``max_noise`` of it.
+
+    Args:
+        low, high: the stretch [low, high] -> [0, 1], in the image's units.
+        sigma: the image's noise (:func:`noise_sigma`), same units.
+        max_noise: the ceiling, or None for none.
+
+    Returns:
+        ``max(high, low + sigma / max_noise)``; ``high`` itself when ``max_noise`` is None.
+    """
+    if max_noise is None:
+        return high
+    return max(high, low + sigma / max_noise)
 
 
 def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -87,7 +151,9 @@ def to_three_channels(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:3], dtype=np.float32)
 
 
-def normalize_per_channel(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+def normalize_per_channel(
+    image: np.ndarray, lower: float = 1.0, upper: float = 99.0, max_noise: float | None = None
+) -> np.ndarray:
     """Per-channel percentile normalization (challenge organizers, CrossCT).
 
     For each channel, the ``lower``/``upper`` percentiles of its NON-ZERO pixels map to 0/1 and every pixel
@@ -99,16 +165,20 @@ def normalize_per_channel(image: np.ndarray, lower: float = 1.0, upper: float = 
       divided by 255 gives), uint16 / 65535, other integers / their dtype max, float clipped to [0, 1]
       (scikit-image's convention for float images). :func:`common.io.read_image` returns float32, so for
       images read from disk a flat channel becomes ``clip(value, 0, 1)``.
+    - With ``max_noise``, a channel whose stretch would make its noise (:func:`noise_sigma`) larger than
+      ``max_noise`` is stretched over a wider range instead (:func:`ceiled_high`).
 
     Args:
         image: (C, H, W) array of any real type.
         lower, upper: percentiles, 0 <= lower < upper <= 100.
+        max_noise: ceiling on each channel's noise after the stretch, or None (the organizers' normalization).
 
     Returns:
         (C, H, W) float32 in [0, 1].
     """
     image = _check_image(image)
     _check_percentiles(lower, upper)
+    _check_max_noise(max_noise)
     _check_finite(image)
     out = np.zeros(image.shape, dtype=np.float32)
     for index, channel in enumerate(image):
@@ -119,26 +189,36 @@ def normalize_per_channel(image: np.ndarray, lower: float = 1.0, upper: float = 
         if high - low < FLAT_RANGE:
             out[index] = _as_is(channel)
         else:
-            out[index] = _stretch(channel, low, high)
+            sigma = noise_sigma(channel) if max_noise is not None else 0.0
+            out[index] = _stretch(channel, low, ceiled_high(low, high, sigma, max_noise))
     return out
 
 
-def normalize_whole(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+def normalize_whole(
+    image: np.ndarray, lower: float = 1.0, upper: float = 99.0, max_noise: float | None = None
+) -> np.ndarray:
     """Whole-array percentile normalization (MT²).
 
-    One pair of percentiles over all channels and all pixels (zeros included) maps to 0/1, clipped.
+    One pair of percentiles over all channels and all pixels (zeros included) maps to 0/1, clipped. With
+    ``max_noise``, the upper end is raised where the noisiest channel's noise (:func:`noise_sigma`) would exceed
+    ``max_noise`` after the stretch (:func:`ceiled_high`); this also rescues an image so sparse that both
+    percentiles are its background value.
 
     Args:
         image: (C, H, W) array of any real type.
         lower, upper: percentiles, 0 <= lower < upper <= 100.
+        max_noise: ceiling on the noise after the stretch, or None (the paper's normalization).
 
     Returns:
-        (C, H, W) float32 in [0, 1]; all zeros when the two percentiles are equal (e.g. a constant image).
+        (C, H, W) float32 in [0, 1]; all zeros when the stretch is empty (e.g. a constant image).
     """
     image = _check_image(image)
     _check_percentiles(lower, upper)
+    _check_max_noise(max_noise)
     _check_finite(image)
     low, high = np.percentile(image, [lower, upper])
+    if max_noise is not None:
+        high = ceiled_high(low, high, max(noise_sigma(channel) for channel in image), max_noise)
     if high <= low:
         return np.zeros(image.shape, dtype=np.float32)
     return _stretch(image, low, high)
@@ -168,7 +248,8 @@ class ToThreeChannelsd(MapTransform):
 
 
 class NormalizeIntensityPercentiled(MapTransform):
-    """Dictionary wrapper of :func:`normalize_per_channel` (``per_channel=True``) or :func:`normalize_whole`."""
+    """Dictionary wrapper of :func:`normalize_per_channel` (``per_channel=True``) or :func:`normalize_whole`,
+    with their ``lower``, ``upper`` and ``max_noise``."""
 
     def __init__(
         self,
@@ -176,15 +257,17 @@ class NormalizeIntensityPercentiled(MapTransform):
         per_channel: bool = True,
         lower: float = 1.0,
         upper: float = 99.0,
+        max_noise: float | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         _check_percentiles(lower, upper)
+        _check_max_noise(max_noise)
         self.function = normalize_per_channel if per_channel else normalize_whole
-        self.lower, self.upper = lower, upper
+        self.lower, self.upper, self.max_noise = lower, upper, max_noise
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = _apply(self.function, d[key], lower=self.lower, upper=self.upper)
+            d[key] = _apply(self.function, d[key], lower=self.lower, upper=self.upper, max_noise=self.max_noise)
         return d

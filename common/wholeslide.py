@@ -31,7 +31,14 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from common.inferers import MultiScaleInferer
-from common.intensity import FLAT_RANGE, NormalizeIntensityPercentiled, ToThreeChannelsd, normalize_per_channel
+from common.intensity import (
+    FLAT_RANGE,
+    NormalizeIntensityPercentiled,
+    ToThreeChannelsd,
+    ceiled_high,
+    noise_sigma,
+    normalize_per_channel,
+)
 from common.intensity import to_three_channels
 from common.io import MAX_CHANNELS, SUPPORTED_IMAGE_SUFFIXES, TIFF_SUFFIXES, ImageReadError, LoadMicroscopyd
 from common.labels import as_instance_label
@@ -155,9 +162,17 @@ class SlideImage:
         per_channel: normalize each channel with the percentiles of its non-zero pixels (else one pair of
             percentiles over all three channels, zeros included).
         lower, upper: the percentiles.
+        max_noise: the normalization's ceiling on the noise after the stretch, or None.
     """
 
-    def __init__(self, raw: np.ndarray, per_channel: bool, lower: float = 1.0, upper: float = 99.0):
+    def __init__(
+        self,
+        raw: np.ndarray,
+        per_channel: bool,
+        lower: float = 1.0,
+        upper: float = 99.0,
+        max_noise: float | None = None,
+    ):
         if raw.ndim != 3 or not 1 <= raw.shape[0] <= MAX_CHANNELS:
             raise ValueError(f"expected a (C, H, W) image with 1 to {MAX_CHANNELS} channels, got {raw.shape}")
         self.raw = raw
@@ -165,11 +180,19 @@ class SlideImage:
         # where each of the three network channels comes from, as to_three_channels builds them
         self._sources = [0, 0, 0] if raw.shape[0] == 1 else [0, 1, None] if raw.shape[0] == 2 else [0, 1, 2]
         self._histograms: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.max_noise = max_noise
         self._rules = self._per_channel_rules(lower, upper) if per_channel else self._whole_rules(lower, upper)
 
     @classmethod
-    def read(cls, path: str | os.PathLike, per_channel: bool, lower: float = 1.0, upper: float = 99.0) -> SlideImage:
-        return cls(read_raw_image(path), per_channel, lower, upper)
+    def read(
+        cls,
+        path: str | os.PathLike,
+        per_channel: bool,
+        lower: float = 1.0,
+        upper: float = 99.0,
+        max_noise: float | None = None,
+    ) -> SlideImage:
+        return cls(read_raw_image(path), per_channel, lower, upper, max_noise)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -183,8 +206,15 @@ class SlideImage:
             self._histograms[source] = _value_counts(self.raw[source])
         return self._histograms[source]
 
+    def _noise(self, source: int | None) -> float:
+        """noise_sigma of one network channel (0 for the zero channel), only when a ceiling needs it."""
+        if self.max_noise is None or source is None:
+            return 0.0
+        return noise_sigma(self.raw[source])
+
     def _whole_rules(self, lower: float, upper: float) -> list[tuple]:
         low, high = _percentiles(*_merged([self._histogram(source) for source in self._sources]), (lower, upper))
+        high = ceiled_high(low, high, max(self._noise(source) for source in set(self._sources)), self.max_noise)
         return [("zero",) if high <= low else ("stretch", low, high)] * 3
 
     def _per_channel_rules(self, lower: float, upper: float) -> list[tuple]:
@@ -196,7 +226,10 @@ class SlideImage:
                 rules.append(("zero",))
                 continue
             low, high = _percentiles(values[non_zero], counts[non_zero], (lower, upper))
-            rules.append(("as_is",) if high - low < FLAT_RANGE else ("stretch", low, high))
+            if high - low < FLAT_RANGE:
+                rules.append(("as_is",))
+            else:
+                rules.append(("stretch", low, ceiled_high(low, high, self._noise(source), self.max_noise)))
         return rules
 
     @staticmethod
@@ -223,8 +256,8 @@ class SlideImage:
         return not any(np.any(rows.astype(np.float32) > threshold) for rows in bands)
 
 
-def _normalization_of(preprocessing) -> tuple[bool, float, float]:
-    """(per_channel, lower, upper) of the bundle's preprocessing, after checking that it is the chain that
+def _normalization_of(preprocessing) -> tuple[bool, float, float, float | None]:
+    """(per_channel, lower, upper, max_noise) of the bundle's preprocessing, after checking that it is the chain that
     :class:`SlideImage` reproduces (load, three channels, percentile normalization, type conversion)."""
     transforms = list(getattr(preprocessing, "transforms", [preprocessing]))
     normalizers = [t for t in transforms if isinstance(t, NormalizeIntensityPercentiled)]
@@ -236,7 +269,7 @@ def _normalization_of(preprocessing) -> tuple[bool, float, float]:
             f"EnsureTyped; the preprocessing holds {[type(t).__name__ for t in transforms]}"
         )
     normalizer = normalizers[0]
-    return normalizer.function is normalize_per_channel, normalizer.lower, normalizer.upper
+    return normalizer.function is normalize_per_channel, normalizer.lower, normalizer.upper, normalizer.max_noise
 
 
 class WholeSlideSegmenter:

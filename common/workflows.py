@@ -23,6 +23,7 @@ __all__ = [
     "config_values",
     "flag",
     "command_line_json",
+    "command_line_list",
 ]
 
 DATALIST_NAME = "datalist.json"
@@ -47,6 +48,19 @@ def flag(value: Any) -> bool:
 
 
 _JSON_WORDS = {"true": True, "false": False, "null": None}
+
+
+def command_line_list(value: str | list | tuple | None) -> list[str]:
+    """Strings (folders, names) from a ``fire`` argument: None, one value, a list, or the text "[D1,D2]" that fire
+    leaves unparsed when the items are not Python literals (e.g. paths with '/' or '-')."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(item) for item in value]
+    text = str(value).strip()
+    if text[:1] in "[(" and text[-1:] in "])":
+        return [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
+    return [text]
 
 
 def command_line_json(value: Any) -> Any:

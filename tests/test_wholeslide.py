@@ -35,10 +35,11 @@ TILE, HALO = 512, 128  # 36 tiles; the halo exceeds every cell of the mosaic
 # ---------------------------------------------------------------------------------------------- SlideImage
 
 
-def plain_input(raw: np.ndarray, per_channel: bool) -> np.ndarray:
+def plain_input(raw: np.ndarray, per_channel: bool, max_noise: float | None = None) -> np.ndarray:
     """What the plain path feeds the network: float32 as read_image gives, three channels, normalized."""
     three = to_three_channels(raw.astype(np.float32))
-    return normalize_per_channel(three) if per_channel else normalize_whole(three)
+    normalize = normalize_per_channel if per_channel else normalize_whole
+    return normalize(three, max_noise=max_noise)
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["whole", "per-channel"])
@@ -49,6 +50,21 @@ def test_regions_equal_the_plain_normalization_of_real_images(dev_pairs, per_cha
         np.testing.assert_array_equal(slide.region(slice(None), slice(None)), expected, err_msg=image_path.name)
         rows, cols = slice(17, 201), slice(5, 150)
         np.testing.assert_array_equal(slide.region(rows, cols), expected[:, rows, cols], err_msg=image_path.name)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["whole", "per-channel"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_regions_equal_the_plain_normalization_under_a_noise_ceiling(per_channel, channels):
+    # a sparse, noisy field taller than one band of the noise estimate, where the ceiling changes the stretch
+    rng = np.random.default_rng(3)
+    raw = np.clip(rng.normal(10, 4, (channels, 600, 300)), 0, 255).astype(np.uint8)
+    raw[:, 100:110, 50:60] = 220
+    expected = plain_input(raw, per_channel, max_noise=0.05)
+    assert not np.array_equal(expected, plain_input(raw, per_channel))
+    slide = SlideImage(raw, per_channel, max_noise=0.05)
+    np.testing.assert_array_equal(slide.region(slice(None), slice(None)), expected)
+    rows, cols = slice(250, 590), slice(7, 99)
+    np.testing.assert_array_equal(slide.region(rows, cols), expected[:, rows, cols])
 
 
 GENERATED = {

@@ -1,11 +1,11 @@
-"""common.workflows.flag: yes/no settings as they arrive from configs and the command line."""
+"""common.workflows: yes/no settings, JSON and lists as they arrive from configs and the command line."""
 
 from __future__ import annotations
 
 import fire
 import pytest
 
-from common.workflows import command_line_json, flag
+from common.workflows import command_line_json, command_line_list, flag
 
 
 @pytest.mark.parametrize("value", [True, 1, "true", "True", "yes", "on", "1"])
@@ -42,3 +42,14 @@ def test_json_given_on_a_fire_command_line_keeps_its_booleans():
     assert command_line_json(command_line) == expected
     overrides = parser.DefaultParseValue('{"test_time_flips": true, "checkpoint": null, "roi_size": [256, 256]}')
     assert command_line_json(overrides) == {"test_time_flips": True, "checkpoint": None, "roi_size": [256, 256]}
+
+
+def test_folder_lists_given_on_a_fire_command_line():
+    """tools/make_datalist.py --train_dirs and tools/normalization_check.py --folders take lists of paths."""
+    received = fire.Fire(lambda x: x, command=["--x", "[../shared/data/cellseg-dev,../shared/data/cellseg-ood-eval]"])
+    assert isinstance(received, str)  # fire cannot parse the paths as Python literals
+    assert command_line_list(received) == ["../shared/data/cellseg-dev", "../shared/data/cellseg-ood-eval"]
+    assert command_line_list(fire.Fire(lambda x: x, command=["--x", "[mt2]"])) == ["mt2"]
+    assert command_line_list("one/folder") == ["one/folder"]
+    assert command_line_list(None) == []
+    assert command_line_list(("a", "b")) == ["a", "b"]

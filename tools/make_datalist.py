@@ -20,19 +20,7 @@ from pathlib import Path
 import fire
 
 from common.datalist import build_datalist, save_datalist
-
-
-def _folder_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """Folders from fire's value: None, one path, a list, or the text "[D1,D2]" that fire leaves unparsed
-    when the paths are not Python literals (e.g. contain '/' or '-')."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(item) for item in value]
-    text = str(value).strip()
-    if text[:1] in "[(" and text[-1:] in "])":
-        return [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
-    return [text]
+from common.workflows import command_line_list
 
 
 def main(
@@ -65,11 +53,11 @@ def main(
         datalist = build_datalist(
             labeled_dir,
             base_dir,
-            _folder_list(unlabeled_dirs),
+            command_line_list(unlabeled_dirs),
             val_fraction=float(val_fraction),
             seed=int(seed),
-            licenses=None if licenses is None else _folder_list(licenses),
-            train_dirs=_folder_list(train_dirs),
+            licenses=None if licenses is None else command_line_list(licenses),
+            train_dirs=command_line_list(train_dirs),
         )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"make_datalist: {error}") from error
