@@ -4,6 +4,7 @@ it was)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,26 @@ def test_sparse_field_keeps_the_chosen_cells_on_a_flat_noisy_background():
     assert abs(np.median(background) - 8) <= 1 and background.std() == pytest.approx(3.0, rel=0.15)
     with pytest.raises(ValueError, match="12 cells away from the border; 13"):
         sparse_field(image, label, cells=13)
+
+
+def test_noise_tool_names_the_images_the_shipped_ceiling_changes(tmp_path, sparse_stardist, capsys):
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("normalization_check", BUNDLES.parent / "tools" / "normalization_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    field, _ = sparse_stardist
+    Image.fromarray(field[0]).save(folder / "sparse.png")
+    rows, cols = np.mgrid[:100, :120]
+    noise = np.random.default_rng(0).normal(0.0, 2.0, rows.shape)
+    quiet = np.clip(np.rint(20 + rows + 0.5 * cols + noise), 0, 255).astype(np.uint8)  # noise ~0.015 of its range
+    Image.fromarray(quiet).save(folder / "quiet.png")
+    tool.noise(str(tmp_path), output=str(tmp_path / "noise.jsonl"))
+    rows = {row["image"]: row for row in map(json.loads, (tmp_path / "noise.jsonl").read_text().splitlines())}
+    assert rows["sparse"]["mt2_noise"] > 0.15 and rows["sparse"]["mt2_noise_ceiled"] <= 0.05
+    assert rows["quiet"]["crossct_noise"] == rows["quiet"]["crossct_noise_ceiled"]
+    assert "changed by the ceiling: 1 ['sparse']" in capsys.readouterr().out

@@ -139,7 +139,7 @@ def test_preprocessing_it_cannot_reproduce_is_refused(tmp_path):
 
     parser = bundle_config("crossct_cell_segmentation", output_dir=str(tmp_path))
     preprocessing = parser.get_parsed_content("preprocessing")
-    assert WholeSlideSegmenter(preprocessing, None, None).normalization == (True, 1.0, 99.0)
+    assert WholeSlideSegmenter(preprocessing, None, None).normalization == (True, 1.0, 99.0, 0.05)  # per channel, the ceiling too
     with pytest.raises(ValueError, match="ScaleIntensityd"):
         WholeSlideSegmenter(Compose([*preprocessing.transforms, ScaleIntensityd(keys="image")]), None, None)
 

@@ -100,8 +100,12 @@ def sparse(
     images_out, labels_out = Path(output_dir, "images"), Path(output_dir, "labels")
     images_out.mkdir(parents=True, exist_ok=True)
     fields = []
+    images = {image_name(path): path for path in list_images(Path(dataset_dir, "images"))}
+    missing = [name for name in names if name not in images]
+    if missing:
+        raise SystemExit(f"{dataset_dir}/images has no image named {missing}")
     for name in names:
-        image_path = next(path for path in list_images(Path(dataset_dir, "images")) if image_name(path) == name)
+        image_path = images[name]
         image, label = read_image(image_path), read_label(Path(dataset_dir, "labels", f"{name}_label.tiff"))
         for noise_std, jpeg_quality, seed in itertools.product(noise_stds, jpeg_qualities, seeds):
             field, field_label = sparse_field(image, label, cells, noise_std, jpeg_quality, seed=seed)
