@@ -28,6 +28,7 @@ __all__ = [
     "FLAT_RANGE",
     "NormalizeIntensityPercentiled",
     "ToThreeChannelsd",
+    "ceiled_high",
     "noise_sigma",
     "normalize_per_channel",
     "normalize_whole",
