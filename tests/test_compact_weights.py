@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from monai.networks.nets import BasicUNet
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bundle_runs import tool_module
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("compact_weights", REPO_ROOT / "tools" / "compact_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("compact_weights")
 
 
 def test_half_precision_weights_load_and_predict_like_the_original(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
+from bundle_runs import tool_module
 from common.datalist import build_datalist, save_datalist, split_names
 from common.io import list_images
 
@@ -21,11 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tool():
-    """tools/make_datalist.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("make_datalist", REPO_ROOT / "tools" / "make_datalist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("make_datalist")
 
 
 def _names(items: list[dict[str, str]]) -> set[str]:

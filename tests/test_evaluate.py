@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shutil
 import statistics
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bundle_runs import tool_module
 from common.evaluation import evaluate_folders
 from common.io import read_label, write_label
 from common.metrics import challenge_counts, remove_border_instances
@@ -23,10 +23,7 @@ MISSING = "phase_set02"
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO_ROOT / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("evaluate")
 
 
 def _shifted(label, offset=3):

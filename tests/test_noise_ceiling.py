@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from bundle_runs import tool_module
 from common.intensity import (
     NormalizeIntensityPercentiled,
     noise_sigma,
@@ -147,13 +148,9 @@ def test_sparse_field_keeps_the_chosen_cells_on_a_flat_noisy_background():
 
 
 def test_noise_tool_names_the_images_the_shipped_ceiling_changes(tmp_path, sparse_stardist, capsys):
-    import importlib.util
-
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("normalization_check", BUNDLES.parent / "tools" / "normalization_check.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = tool_module("normalization_check")
     folder = tmp_path / "images"
     folder.mkdir()
     field, _ = sparse_stardist

@@ -4,18 +4,12 @@ own evaluation gives for the same setting."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import bundle_runs as runs
 
-_spec = importlib.util.spec_from_file_location(
-    "tradeoff_benchmark", os.path.join(os.path.dirname(__file__), "..", "tools", "tradeoff_benchmark.py")
-)
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+tool = runs.tool_module("tradeoff_benchmark")
 
 IMAGES = ["dsb_9774c8239632.png", "dsb_52a6b8ae4c8e.png"]
 

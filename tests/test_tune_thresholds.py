@@ -4,19 +4,17 @@ of its per-image F1s."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
+from bundle_runs import tool_module
 from common.networks import MultiHeadUNetPlusPlus
 from common.workflows import inference_config
 
-_spec = importlib.util.spec_from_file_location("tune_thresholds", os.path.join(os.path.dirname(__file__), "..", "tools", "tune_thresholds.py"))
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+tool = tool_module("tune_thresholds")
 
 IMAGES = ["dsb_9774c8239632.png", "dsb_52a6b8ae4c8e.png"]
 FEATURES = [4, 4, 8, 8, 16, 4]

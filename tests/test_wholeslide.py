@@ -3,7 +3,6 @@ nor duplicate cells (plain and whole-slide segmentations of a 3000 x 3000 mosaic
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 
 import numpy as np
@@ -24,9 +23,7 @@ from common.targets import mt2_heatmaps, three_class_map
 from common.tiling import tile_grid
 from common.wholeslide import SlideImage, WholeSlideSegmenter, image_size
 
-_spec = importlib.util.spec_from_file_location("benchmark", runs.REPO / "tools" / "benchmark.py")
-benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchmark)
+benchmark = runs.tool_module("benchmark")
 
 MOSAIC = 3000
 TILE, HALO = 512, 128  # 36 tiles; the halo exceeds every cell of the mosaic
