@@ -164,3 +164,10 @@ def test_noise_tool_names_the_images_the_shipped_ceiling_changes(tmp_path, spars
     assert rows["sparse"]["mt2_noise"] > 0.15 and rows["sparse"]["mt2_noise_ceiled"] <= 0.05
     assert rows["quiet"]["crossct_noise"] == rows["quiet"]["crossct_noise_ceiled"]
     assert "changed by the ceiling: 1 ['sparse']" in capsys.readouterr().out
+
+
+def test_sparse_tool_scores_a_checkpoint_for_one_bundle_only(tmp_path):
+    tool = tool_module("normalization_check")
+    with pytest.raises(SystemExit, match="one bundle's weights"):
+        tool.sparse(str(tmp_path), "[stardist_img2d]", str(tmp_path / "out"), checkpoint=str(tmp_path / "model.pt"))
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -6,6 +6,8 @@
     # sparse fields made from labeled fluorescence images (common.sparse_fields), segmented by a bundle with and
     # without the ceiling and by the classical baseline; challenge F1 and objects found per field
     python tools/normalization_check.py sparse --dataset_dir VAL --names "[stardist_img2d]" --output_dir OUT
+    # ... of other weights than the shipped ones
+    python tools/normalization_check.py sparse ... --bundles "[mt2]" --checkpoint RUN/model.pt
 
 ``noise`` prints one JSON line per image (``--output`` also writes them) and a summary per folder; ``sparse``
 writes the fields under ``OUT/images`` and ``OUT/labels`` and prints one JSON line per field and setting.
@@ -90,13 +92,18 @@ def sparse(
     cells: int = 3,
     seeds=(0,),
     bundles=("mt2", "crossct"),
+    checkpoint: str | None = None,
 ) -> None:
     """Make sparse fields from the named labeled images of ``dataset_dir`` (images/ + labels/), one per noise level,
     JPEG quality (None: not compressed) and seed, and score each bundle with ``max_noise`` None and the shipped
-    value, and the classical baseline."""
+    value, and the classical baseline. ``checkpoint``: weights to score instead of the bundle's ``models/model.pt``
+    (one bundle only)."""
     names, noise_stds = command_line_list(names), command_line_json(noise_stds)
     jpeg_qualities = command_line_json(jpeg_qualities)
     seeds, bundles = command_line_json(seeds), command_line_list(bundles)
+    if checkpoint is not None and len(bundles) != 1:
+        raise SystemExit(f"--checkpoint holds one bundle's weights; name that bundle alone with --bundles, not {bundles}")
+    weights = {} if checkpoint is None else {"checkpoint": str(Path(checkpoint).resolve())}
     images_out, labels_out = Path(output_dir, "images"), Path(output_dir, "labels")
     images_out.mkdir(parents=True, exist_ok=True)
     fields = []
@@ -119,7 +126,8 @@ def sparse(
         print(json.dumps({"field": field_name, "setting": "otsu", **_score(field_label, baseline)}), flush=True)
     for bundle in bundles:
         for max_noise in (None, shipped_max_noise(bundle)):
-            predictions = segment_images(BUNDLES / f"{bundle}_cell_segmentation", [path for _, path, _ in fields], max_noise=max_noise)
+            predictions = segment_images(BUNDLES / f"{bundle}_cell_segmentation", [path for _, path, _ in fields], max_noise=max_noise,
+                                         **weights)
             for (field_name, _, field_label), prediction in zip(fields, predictions):
                 row = {"field": field_name, "setting": f"{bundle} max_noise {max_noise}", **_score(field_label, prediction)}
                 print(json.dumps(row), flush=True)
