@@ -102,6 +102,26 @@ def test_resume_continues_from_the_saved_epoch_with_identical_weights(trained_ru
     assert resumed_state["iteration"] == 3 * resumed_state["epoch_length"]
 
 
+def test_a_new_run_starts_from_pretrained_weights_with_a_fresh_optimizer(trained_run, tmp_path):
+    folder, _ = trained_run
+    weights = torch.load(folder / "run" / "model.pt", weights_only=True)
+    workflow = train_workflow(folder / "data", tmp_path / "fine_tuned", epochs=1, pretrained_checkpoint=str(folder / "run" / "model.pt"))
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    student, optimizer = workflow.parser.get_parsed_content("network"), workflow.parser.get_parsed_content("optimizer")
+    seen = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def first_step(engine):
+        if not seen:
+            seen.update(epoch=engine.state.epoch, iteration=engine.state.iteration, student=runs.state_equal(student, weights))
+            seen.update(optimizer_state=len(optimizer.state), lr=optimizer.param_groups[0]["lr"])
+
+    workflow.run()
+    workflow.finalize()
+    assert seen == {"epoch": 1, "iteration": 1, "student": True, "optimizer_state": 0, "lr": 0.001}
+    assert not runs.state_equal(student, weights)  # and it trained from there
+
+
 @pytest.mark.parametrize("remembered, replaced", [(2.0, False), (-1.0, True)])
 def test_a_resumed_run_replaces_the_best_model_only_when_it_beats_the_remembered_score(trained_run, tmp_path, remembered, replaced):
     folder, _ = trained_run
