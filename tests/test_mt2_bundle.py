@@ -23,6 +23,21 @@ def train_workflow(dataset_dir, run_dir, **overrides):
     return runs.initialized_workflow(BUNDLE, "train.yaml", "train", dataset_dir=str(dataset_dir), run_dir=str(run_dir), **settings)
 
 
+def first_seen(workflow, event, probe) -> dict:
+    """Run the training workflow and return what ``probe(trainer)`` gave at the first ``event``."""
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    seen = {}
+
+    @trainer.on(event)
+    def record(engine):
+        if not seen:
+            seen.update(probe(engine))
+
+    workflow.run()
+    workflow.finalize()
+    return seen
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, dev_dir, unlabeled_dir):
     """Train 2 epochs (1 supervised warm-up + 1 mean-teacher) and record what the teacher did."""
@@ -85,18 +100,12 @@ def test_resume_continues_from_the_saved_epoch_with_identical_weights(trained_ru
     checkpoint_path = folder / "run" / "checkpoint_last.pt"
     saved = torch.load(checkpoint_path, weights_only=True)
     workflow = train_workflow(folder / "data", tmp_path / "resumed", epochs=3, resume_from=str(checkpoint_path))
-    trainer = workflow.parser.get_parsed_content("train#trainer")
     student, teacher = workflow.parser.get_parsed_content("network"), workflow.parser.get_parsed_content("teacher")
-    seen = {}
-
-    @trainer.on(Events.EPOCH_STARTED)
-    def on_epoch(engine):
-        if not seen:
-            seen.update(epoch=engine.state.epoch, student=runs.state_equal(student, saved["model"]))
-            seen["teacher"] = runs.state_equal(teacher, saved["teacher"])
-
-    workflow.run()
-    workflow.finalize()
+    seen = first_seen(workflow, Events.EPOCH_STARTED, lambda engine: {
+        "epoch": engine.state.epoch,
+        "student": runs.state_equal(student, saved["model"]),
+        "teacher": runs.state_equal(teacher, saved["teacher"]),
+    })
     assert seen == {"epoch": 3, "student": True, "teacher": True}
     resumed_state = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["trainer"]
     assert resumed_state["iteration"] == 3 * resumed_state["epoch_length"]
@@ -106,18 +115,14 @@ def test_a_new_run_starts_from_pretrained_weights_with_a_fresh_optimizer(trained
     folder, _ = trained_run
     weights = torch.load(folder / "run" / "model.pt", weights_only=True)
     workflow = train_workflow(folder / "data", tmp_path / "fine_tuned", epochs=1, pretrained_checkpoint=str(folder / "run" / "model.pt"))
-    trainer = workflow.parser.get_parsed_content("train#trainer")
     student, optimizer = workflow.parser.get_parsed_content("network"), workflow.parser.get_parsed_content("optimizer")
-    seen = {}
-
-    @trainer.on(Events.ITERATION_STARTED)
-    def first_step(engine):
-        if not seen:
-            seen.update(epoch=engine.state.epoch, iteration=engine.state.iteration, student=runs.state_equal(student, weights))
-            seen.update(optimizer_state=len(optimizer.state), lr=optimizer.param_groups[0]["lr"])
-
-    workflow.run()
-    workflow.finalize()
+    seen = first_seen(workflow, Events.ITERATION_STARTED, lambda engine: {
+        "epoch": engine.state.epoch,
+        "iteration": engine.state.iteration,
+        "student": runs.state_equal(student, weights),
+        "optimizer_state": len(optimizer.state),
+        "lr": optimizer.param_groups[0]["lr"],
+    })
     assert seen == {"epoch": 1, "iteration": 1, "student": True, "optimizer_state": 0, "lr": 0.001}
     assert not runs.state_equal(student, weights)  # and it trained from there
 
