@@ -40,7 +40,7 @@ MT2_PAPER = _override_file("mt2", "inference_paper.yaml")
 SETTINGS = {
     "mt2": [
         {},
-        {"overlap": 0.25},
+        _override_file("mt2", "inference_quality.yaml"),  # overlap 0.5
         {"blend_mode": "constant"},
         {"roi_size": [512, 512]},
         {"roi_size": [512, 512], "blend_mode": "constant"},
@@ -49,8 +49,8 @@ SETTINGS = {
         {"scales": [0.8, 1.0]},
         {"scales": [1.0, 1.2]},
         {"scales": [1.2]},
-        _MT2_SINGLE,
-        _override_file("mt2", "inference_fast.yaml"),  # one scale, overlap 0.25
+        _override_file("mt2", "inference_fast.yaml"),  # one scale
+        {**_MT2_SINGLE, "overlap": 0.5},
         {**_MT2_SINGLE, "blend_mode": "constant"},
         {**_MT2_SINGLE, "test_time_flips": True},
         {**_MT2_SINGLE, "fluorescence_rule": False},
