@@ -1,6 +1,7 @@
 """tools/tune_thresholds.py on real dev images with small random networks (MT² and CrossCT): every valid combination
 is scored once, the reported best is the best line within the objects-per-cell bound, and each line's F1 is the mean
-of its per-image F1s."""
+of its per-image F1s. Each bundle's train.yaml validates with the watershed or interior settings its inference.yaml
+ships."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 
 import pytest
+import yaml
 import torch
 
 from bundle_runs import tool_module
@@ -78,3 +80,18 @@ def test_crossct_grid_is_its_interior_threshold_and_expansion(tmp_path, dev_dir,
 def test_an_unknown_bundle_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="crossct"):
         tool.tune(str(tmp_path), bundle="cellpose")
+
+
+@pytest.mark.parametrize(
+    "bundle, settings",
+    [
+        ("mt2", ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth")),
+        ("crossct", ("interior_threshold", "expand_px")),
+    ],
+)
+def test_training_validation_post_processes_like_the_shipped_inference(bundle, settings):
+    # The tuned settings are written into inference.yaml and, by hand, into train.yaml's validation: a checkpoint
+    # chosen during training is then chosen by the same post-processing the user gets.
+    bundle_dir = tool.TUNINGS[bundle].bundle_dir / "configs"
+    train, inference = (yaml.safe_load((bundle_dir / name).read_text()) for name in ("train.yaml", "inference.yaml"))
+    assert {key: train[key] for key in settings} == {key: inference[key] for key in settings}
