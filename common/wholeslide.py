@@ -160,9 +160,10 @@ class SlideImage:
     Args:
         raw: (C, H, W) image of any real pixel type, 1 <= C <= 4.
         per_channel: normalize each channel with the percentiles of its non-zero pixels (else one pair of
-            percentiles over all three channels, zeros included).
+            percentiles over all three channels).
         lower, upper: the percentiles.
         max_noise: the normalization's ceiling on the noise after the stretch, or None.
+        ignore_zeros: whole-array percentiles of the non-zero values only (the per-channel ones always are).
     """
 
     def __init__(
@@ -172,6 +173,7 @@ class SlideImage:
         lower: float = 1.0,
         upper: float = 99.0,
         max_noise: float | None = None,
+        ignore_zeros: bool = False,
     ):
         if raw.ndim != 3 or not 1 <= raw.shape[0] <= MAX_CHANNELS:
             raise ValueError(f"expected a (C, H, W) image with 1 to {MAX_CHANNELS} channels, got {raw.shape}")
@@ -181,6 +183,7 @@ class SlideImage:
         self._sources = [0, 0, 0] if raw.shape[0] == 1 else [0, 1, None] if raw.shape[0] == 2 else [0, 1, 2]
         self._histograms: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.max_noise = max_noise
+        self.ignore_zeros = ignore_zeros
         self._rules = self._per_channel_rules(lower, upper) if per_channel else self._whole_rules(lower, upper)
 
     @classmethod
@@ -191,8 +194,9 @@ class SlideImage:
         lower: float = 1.0,
         upper: float = 99.0,
         max_noise: float | None = None,
+        ignore_zeros: bool = False,
     ) -> SlideImage:
-        return cls(read_raw_image(path), per_channel, lower, upper, max_noise)
+        return cls(read_raw_image(path), per_channel, lower, upper, max_noise, ignore_zeros)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -213,7 +217,12 @@ class SlideImage:
         return noise_sigma(self.raw[source])
 
     def _whole_rules(self, lower: float, upper: float) -> list[tuple]:
-        low, high = _percentiles(*_merged([self._histogram(source) for source in self._sources]), (lower, upper))
+        values, counts = _merged([self._histogram(source) for source in self._sources])
+        if self.ignore_zeros:
+            values, counts = values[values != 0], counts[values != 0]
+            if values.size == 0:
+                return [("zero",)] * 3
+        low, high = _percentiles(values, counts, (lower, upper))
         high = ceiled_high(low, high, max(self._noise(source) for source in set(self._sources)), self.max_noise)
         return [("zero",) if high <= low else ("stretch", low, high)] * 3
 
@@ -256,9 +265,10 @@ class SlideImage:
         return not any(np.any(rows.astype(np.float32) > threshold) for rows in bands)
 
 
-def _normalization_of(preprocessing) -> tuple[bool, float, float, float | None]:
-    """(per_channel, lower, upper, max_noise) of the bundle's preprocessing, after checking that it is the chain that
-    :class:`SlideImage` reproduces (load, three channels, percentile normalization, type conversion)."""
+def _normalization_of(preprocessing) -> tuple[bool, float, float, float | None, bool]:
+    """(per_channel, lower, upper, max_noise, ignore_zeros) of the bundle's preprocessing, after checking that it
+    is the chain that :class:`SlideImage` reproduces (load, three channels, percentile normalization, type
+    conversion)."""
     transforms = list(getattr(preprocessing, "transforms", [preprocessing]))
     normalizers = [t for t in transforms if isinstance(t, NormalizeIntensityPercentiled)]
     reproduced = (LoadMicroscopyd, ToThreeChannelsd, NormalizeIntensityPercentiled)
@@ -269,7 +279,8 @@ def _normalization_of(preprocessing) -> tuple[bool, float, float, float | None]:
             f"EnsureTyped; the preprocessing holds {[type(t).__name__ for t in transforms]}"
         )
     normalizer = normalizers[0]
-    return normalizer.function is normalize_per_channel, normalizer.lower, normalizer.upper, normalizer.max_noise
+    per_channel = normalizer.function is normalize_per_channel
+    return per_channel, normalizer.lower, normalizer.upper, normalizer.max_noise, normalizer.ignore_zeros
 
 
 class WholeSlideSegmenter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,10 @@ from common.intensity import (
     normalize_whole,
     to_three_channels,
 )
-from common.io import read_image
+from common.io import read_image, read_label
+from common.workflows import config_values
+
+MT2_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "mt2_cell_segmentation" / "configs"
 
 
 def _linear_percentile(values: np.ndarray, q: float) -> float:
@@ -130,6 +135,30 @@ def test_whole_constant_image_is_zero():
         assert out.shape == (3, 4, 5) and not out.any()
 
 
+def test_whole_ignoring_zeros_stretches_a_padded_image_as_the_unpadded_one():
+    rng = np.random.default_rng(2)
+    content = rng.integers(5, 200, (3, 20, 30)).astype(np.float32)
+    padded = np.zeros((3, 60, 90), np.float32)
+    padded[:, 10:30, 40:70] = content
+    ignoring = normalize_whole(padded, ignore_zeros=True)
+    np.testing.assert_array_equal(ignoring[:, 10:30, 40:70], normalize_whole(content))
+    assert not ignoring[:, :10].any()  # the padding stays 0 (below the lower percentile)
+    # counting the padding, both percentiles move down: the 99th now lies inside the content, more of it saturates
+    counting = normalize_whole(padded)[:, 10:30, 40:70]
+    assert (counting == 1).mean() > 2 * (ignoring[:, 10:30, 40:70] == 1).mean()
+
+
+def test_whole_ignoring_zeros_changes_no_image_without_zeros():
+    rng = np.random.default_rng(3)
+    image = rng.normal(100, 30, (3, 40, 50)).astype(np.float32)
+    assert (image != 0).all()
+    np.testing.assert_array_equal(normalize_whole(image, ignore_zeros=True), normalize_whole(image))
+    np.testing.assert_array_equal(
+        normalize_whole(image, max_noise=0.01, ignore_zeros=True), normalize_whole(image, max_noise=0.01)
+    )
+    assert not normalize_whole(np.zeros((3, 5, 5), np.float32), ignore_zeros=True).any()
+
+
 def test_bad_arguments():
     image = np.ones((1, 4, 4), dtype=np.float32)
     for function in (normalize_per_channel, normalize_whole):
@@ -168,6 +197,11 @@ def test_dictionary_wrappers_keep_type_and_meta():
         np.testing.assert_array_equal(normalized["array"], expected)
         assert normalized["label"] == "kept"
 
+    padded = np.pad(array, ((0, 0), (0, 5), (0, 5)))
+    out = NormalizeIntensityPercentiled(keys="image", per_channel=False, ignore_zeros=True)({"image": padded})["image"]
+    np.testing.assert_array_equal(out, normalize_whole(padded, ignore_zeros=True))
+    assert not np.array_equal(out, normalize_whole(padded))
+
     wrapper = NormalizeIntensityPercentiled(keys=("image", "missing"), allow_missing_keys=True)
     assert set(wrapper({"image": array})) == {"image"}
     with pytest.raises(KeyError):
@@ -187,3 +221,32 @@ def test_real_images_normalize_into_unit_range(dev_pairs):
             assert out.min() >= 0.0 and out.max() <= 1.0, image_path.name
             # Pixels above the upper percentile exist in any image with content, so something reaches 1.
             assert out.max() == 1.0, (image_path.name, function.__name__)
+
+
+def test_mt2_ignoring_zeros_keeps_the_nuclei_of_a_zero_floored_field_unsaturated(dev_dir):
+    """dsb_f4c4db3df4ff: 86 % of its pixels are exactly 0, so counting them puts the 99th percentile in the glow
+    around the nuclei and most nuclei become flat white; the bundle's setting (train and inference alike) does not."""
+    for config in ("train.yaml", "inference.yaml"):
+        assert config_values(MT2_CONFIGS / config, ["ignore_zeros"])["ignore_zeros"] is True, config
+    image = to_three_channels(read_image(dev_dir / "images" / "dsb_f4c4db3df4ff.png"))
+    label = read_label(dev_dir / "labels" / "dsb_f4c4db3df4ff_label.tiff")
+    ids = np.unique(label)[1:]
+
+    def mostly_saturated(normalized: np.ndarray) -> int:
+        return sum(int((normalized[0][label == i] == 1).mean() > 0.5) for i in ids)
+
+    assert (image == 0).mean() > 0.8 and len(ids) > 60
+    assert mostly_saturated(normalize_whole(image, max_noise=0.05)) > 0.5 * len(ids)
+    assert mostly_saturated(normalize_whole(image, max_noise=0.05, ignore_zeros=True)) <= 2
+
+
+def test_ignoring_zeros_changes_no_dev_image_but_the_zero_floored_one(dev_pairs):
+    """On every other dev image (validation, H&E, training rows) ignore_zeros moves the input by at most 0.03: a
+    few stray zeros shift the lower percentile by one grey level."""
+    changed = []
+    for image_path, _ in dev_pairs:
+        image = to_three_channels(read_image(image_path))
+        difference = np.abs(normalize_whole(image, ignore_zeros=True) - normalize_whole(image)).max()
+        if difference > 0.03:
+            changed.append(image_path.stem)
+    assert changed == ["dsb_f4c4db3df4ff"]

@@ -13,6 +13,9 @@ import yaml
 import torch
 
 from bundle_runs import tool_module
+from common.classical import otsu_distance_watershed
+from common.io import read_image, read_label
+from common.metrics import challenge_counts, f1_from_counts
 from common.networks import MultiHeadUNetPlusPlus
 from common.workflows import inference_config
 
@@ -56,6 +59,36 @@ def test_every_combination_is_scored_and_the_best_is_the_highest(tmp_path, dev_d
         assert line["max_objects_per_cell"] >= line["mean_objects_per_cell"]
     within = [line for line in combos if line["max_objects_per_cell"] <= 1.5]
     assert best == (max(within, key=lambda line: line["mean_f1"]) if within else None)
+    assert lines[-1] == {"best": best}
+
+
+def test_with_modalities_the_best_reaches_the_classical_baseline_on_every_modality(tmp_path, dev_dir, capsys):
+    val = _validation_folder(tmp_path, dev_dir)
+    (tmp_path / "modalities.csv").write_text(
+        "name,modality\ndsb_9774c8239632,fluorescence (nuclei)\ndsb_52a6b8ae4c8e,brightfield (stained tissue)\n"
+    )
+    torch.manual_seed(0)
+    torch.save(MultiHeadUNetPlusPlus(features=FEATURES).state_dict(), tmp_path / "model.pt")
+    overrides = {"features": FEATURES, "roi_size": [64, 64], "scales": [1.0]}
+    best = tool.tune(
+        str(val), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.5]", "[16]", "[0, 2]", json.dumps(overrides),
+        max_objects_per_cell=None, modalities=str(tmp_path / "modalities.csv"),
+    )
+    lines = _printed_lines(capsys)
+    floor = lines[0]["classical_per_modality_f1"]
+    # the baseline's own figures, scored here independently of the tool
+    for name in IMAGES:
+        stem = name.rsplit(".", 1)[0]
+        label = read_label(val / "labels" / f"{stem}_label.tiff")
+        counts = challenge_counts(label, otsu_distance_watershed(read_image(val / "images" / name)))
+        modality = "fluorescence (nuclei)" if stem == "dsb_9774c8239632" else "brightfield (stained tissue)"
+        assert floor[modality] == pytest.approx(f1_from_counts(counts), abs=1e-4)
+    combos = [line for line in lines[1:] if "best" not in line]
+    assert len(combos) == 4
+    for line in combos:
+        assert line["below_baseline"] == [m for m, f1 in line["per_modality_f1"].items() if f1 < floor[m]]
+    above = [line for line in combos if not line["below_baseline"]]
+    assert best == max(above or combos, key=lambda line: line["mean_f1"])
     assert lines[-1] == {"best": best}
 
 

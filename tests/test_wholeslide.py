@@ -32,18 +32,28 @@ TILE, HALO = 512, 128  # 36 tiles; the halo exceeds every cell of the mosaic
 # ---------------------------------------------------------------------------------------------- SlideImage
 
 
-def plain_input(raw: np.ndarray, per_channel: bool, max_noise: float | None = None) -> np.ndarray:
+def plain_input(
+    raw: np.ndarray, per_channel: bool, max_noise: float | None = None, ignore_zeros: bool = False
+) -> np.ndarray:
     """What the plain path feeds the network: float32 as read_image gives, three channels, normalized."""
     three = to_three_channels(raw.astype(np.float32))
-    normalize = normalize_per_channel if per_channel else normalize_whole
-    return normalize(three, max_noise=max_noise)
+    if per_channel:
+        return normalize_per_channel(three, max_noise=max_noise)
+    return normalize_whole(three, max_noise=max_noise, ignore_zeros=ignore_zeros)
 
 
-@pytest.mark.parametrize("per_channel", [False, True], ids=["whole", "per-channel"])
-def test_regions_equal_the_plain_normalization_of_real_images(dev_pairs, per_channel):
-    for image_path, _ in dev_pairs[::3]:
-        slide = SlideImage.read(image_path, per_channel)
-        expected = plain_input(read_image(image_path), per_channel)
+# (per_channel, ignore_zeros): MT²'s paper normalization, MT²'s shipped one, CrossCT's
+NORMALIZATIONS = {"whole": (False, False), "whole-non-zero": (False, True), "per-channel": (True, False)}
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_regions_equal_the_plain_normalization_of_real_images(dev_pairs, normalization):
+    per_channel, ignore_zeros = NORMALIZATIONS[normalization]
+    # every third image, and the one that is mostly exact zeros
+    paths = [path for path, _ in dev_pairs[::3]] + [path for path, _ in dev_pairs if path.stem == "dsb_f4c4db3df4ff"]
+    for image_path in paths:
+        slide = SlideImage.read(image_path, per_channel, ignore_zeros=ignore_zeros)
+        expected = plain_input(read_image(image_path), per_channel, ignore_zeros=ignore_zeros)
         np.testing.assert_array_equal(slide.region(slice(None), slice(None)), expected, err_msg=image_path.name)
         rows, cols = slice(17, 201), slice(5, 150)
         np.testing.assert_array_equal(slide.region(rows, cols), expected[:, rows, cols], err_msg=image_path.name)
@@ -71,15 +81,19 @@ GENERATED = {
     "rgba-float": lambda rng: (rng.random((4, 33, 44)) * 7).astype(np.float32),
     "all-zero": lambda rng: np.zeros((3, 20, 20), np.uint8),
     "flat": lambda rng: np.full((1, 20, 20), 5, np.uint8),
+    "zero-padded-uint16": lambda rng: np.pad(
+        rng.integers(1, 4000, (1, 30, 30), dtype=np.uint16), ((0, 0), (0, 40), (0, 9))
+    ),
 }
 
 
-@pytest.mark.parametrize("per_channel", [False, True], ids=["whole", "per-channel"])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("kind", GENERATED)
-def test_regions_equal_the_plain_normalization_of_every_pixel_type(kind, per_channel):
+def test_regions_equal_the_plain_normalization_of_every_pixel_type(kind, normalization):
+    per_channel, ignore_zeros = NORMALIZATIONS[normalization]
     raw = GENERATED[kind](np.random.default_rng(0))
-    region = SlideImage(raw, per_channel).region(slice(None), slice(None))
-    np.testing.assert_array_equal(region, plain_input(raw, per_channel))
+    region = SlideImage(raw, per_channel, ignore_zeros=ignore_zeros).region(slice(None), slice(None))
+    np.testing.assert_array_equal(region, plain_input(raw, per_channel, ignore_zeros=ignore_zeros))
 
 
 def test_first_channel_empty_follows_the_normalized_image():
@@ -136,7 +150,10 @@ def test_preprocessing_it_cannot_reproduce_is_refused(tmp_path):
 
     parser = bundle_config("crossct_cell_segmentation", output_dir=str(tmp_path))
     preprocessing = parser.get_parsed_content("preprocessing")
-    assert WholeSlideSegmenter(preprocessing, None, None).normalization == (True, 1.0, 99.0, 0.05)  # per channel, the ceiling too
+    # per channel (non-zero pixels, as always), the ceiling too
+    assert WholeSlideSegmenter(preprocessing, None, None).normalization == (True, 1.0, 99.0, 0.05, True)
+    mt2 = bundle_config("mt2_cell_segmentation", output_dir=str(tmp_path)).get_parsed_content("preprocessing")
+    assert WholeSlideSegmenter(mt2, None, None).normalization == (False, 1.0, 99.0, 0.05, True)  # MT²: ignore_zeros
     with pytest.raises(ValueError, match="ScaleIntensityd"):
         WholeSlideSegmenter(Compose([*preprocessing.transforms, ScaleIntensityd(keys="image")]), None, None)
 

@@ -15,6 +15,7 @@ writes the fields under ``OUT/images`` and ``OUT/labels`` and prints one JSON li
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -33,19 +34,29 @@ from common.sparse_fields import sparse_field
 from common.workflows import command_line_json, command_line_list, config_values
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-# each bundle's normalization function, as its configs choose it (per_channel false / true)
-NORMALIZATIONS = {"mt2": normalize_whole, "crossct": normalize_per_channel}
+
+
+def _inference_config(bundle: str) -> Path:
+    return BUNDLES / f"{bundle}_cell_segmentation" / "configs" / "inference.yaml"
 
 
 def shipped_max_noise(bundle: str) -> float | None:
     """The ``max_noise`` a bundle's inference config ships."""
-    config = BUNDLES / f"{bundle}_cell_segmentation" / "configs" / "inference.yaml"
-    return config_values(config, ["max_noise"])["max_noise"]
+    return config_values(_inference_config(bundle), ["max_noise"])["max_noise"]
+
+
+def bundle_normalization(bundle: str):
+    """A bundle's normalization function as its configs choose it: CrossCT per channel; MT² whole-array, with the
+    config's ``ignore_zeros``."""
+    if bundle == "crossct":
+        return normalize_per_channel
+    ignore_zeros = config_values(_inference_config(bundle), ["ignore_zeros"])["ignore_zeros"]
+    return functools.partial(normalize_whole, ignore_zeros=ignore_zeros)
 
 
 def normalized_noise(image: np.ndarray, bundle: str, max_noise: float | None) -> float:
     """Noise (largest over the three channels) of an image after a bundle's normalization, in [0, 1] units."""
-    normalized = NORMALIZATIONS[bundle](to_three_channels(image), max_noise=max_noise)
+    normalized = bundle_normalization(bundle)(to_three_channels(image), max_noise=max_noise)
     return max(noise_sigma(channel) for channel in normalized)
 
 
