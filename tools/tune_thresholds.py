@@ -105,14 +105,14 @@ def _per_modality(f1s: dict[str, float], modality_of: dict[str, str]) -> dict[st
     return {modality: round(float(np.mean(values)), 4) for modality, values in sorted(groups.items())}
 
 
-def _baseline_f1s(dataset_dir: Path, names: list[str]) -> dict[str, float]:
-    """Challenge F1 of the classical baseline on each named labeled image of ``dataset_dir``."""
+def _baseline_f1s(dataset_dir: Path, labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Challenge F1 of the classical baseline on each image of ``dataset_dir`` whose label ``labels`` holds (the
+    labels :func:`_network_maps` already read)."""
     scores = {}
     for image_path in list_images(dataset_dir / "images"):
-        if image_path.stem in names:
-            label = read_label(label_path_for(image_path, dataset_dir / "labels"))
+        if image_path.stem in labels:
             prediction = otsu_distance_watershed(read_image(image_path))
-            scores[image_path.stem] = f1_from_counts(challenge_counts(label, prediction))
+            scores[image_path.stem] = f1_from_counts(challenge_counts(labels[image_path.stem], prediction))
     return scores
 
 
@@ -146,10 +146,11 @@ def tune(
     images = _network_maps(tuning, Path(dataset_dir), checkpoint, overrides)
     if not images:
         raise SystemExit(f"tune_thresholds: no labeled images in {dataset_dir}")
+    names = [name for name, _, _ in images]
     modality_of = read_modalities(modalities) if modalities else None
     floor = None
     if modality_of is not None:
-        floor = _per_modality(_baseline_f1s(Path(dataset_dir), [name for name, _, _ in images]), modality_of)
+        floor = _per_modality(_baseline_f1s(Path(dataset_dir), {name: label for name, _, label in images}), modality_of)
         print(json.dumps({"classical_per_modality_f1": floor}), flush=True)
     best = best_above_floor = None
     for values in itertools.product(*(_numbers(grid) for grid in grids.values())):
@@ -167,10 +168,10 @@ def tune(
             "mean_f1": round(float(np.mean(f1s)), 4),
             "mean_objects_per_cell": round(float(np.mean(ratios)), 3),
             "max_objects_per_cell": round(float(np.max(ratios)), 3),
-            "per_image_f1": {name: round(f1, 4) for (name, _, _), f1 in zip(images, f1s)},
+            "per_image_f1": {name: round(f1, 4) for name, f1 in zip(names, f1s)},
         }
         if floor is not None:
-            line["per_modality_f1"] = _per_modality(dict(zip([name for name, _, _ in images], f1s)), modality_of)
+            line["per_modality_f1"] = _per_modality(dict(zip(names, f1s)), modality_of)
             line["below_baseline"] = [m for m, f1 in line["per_modality_f1"].items() if f1 < floor[m]]
         print(json.dumps(line), flush=True)
         within = max_objects_per_cell is None or line["max_objects_per_cell"] <= max_objects_per_cell
