@@ -11,6 +11,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from tqdm import tqdm
 
@@ -25,6 +26,7 @@ __all__ = [
     "evaluate_folders",
     "write_scores_csv",
     "read_modalities",
+    "group_by_modality",
     "summarize_scores",
     "evaluate_and_report",
 ]
@@ -116,6 +118,15 @@ def read_modalities(path) -> dict[str, str]:
         return {row["name"]: row["modality"] for row in reader}
 
 
+def group_by_modality(f1s: Iterable[tuple[str, float]], modalities: dict[str, str]) -> dict[str, list[float]]:
+    """The F1s of ``(name, f1)`` pairs grouped by modality, modalities in sorted order; images absent from
+    ``modalities`` are grouped under ``unknown``."""
+    groups: dict[str, list[float]] = {}
+    for name, f1 in f1s:
+        groups.setdefault(modalities.get(name, "unknown"), []).append(f1)
+    return dict(sorted(groups.items()))
+
+
 def _summary_line(title: str, f1s: list[float]) -> str:
     return f"{title}: mean F1 {statistics.fmean(f1s):.4f}, median F1 {statistics.median(f1s):.4f}, n {len(f1s)}"
 
@@ -129,10 +140,8 @@ def summarize_scores(scores: list[ImageScore], modalities: dict[str, str] | None
         raise ValueError("no image was scored")
     lines = [_summary_line("all", [score.counts.f1 for score in scores])]
     if modalities is not None:
-        groups: dict[str, list[float]] = {}
-        for score in scores:
-            groups.setdefault(modalities.get(score.name, "unknown"), []).append(score.counts.f1)
-        lines += [_summary_line(f"  {modality}", f1s) for modality, f1s in sorted(groups.items())]
+        groups = group_by_modality(((score.name, score.counts.f1) for score in scores), modalities)
+        lines += [_summary_line(f"  {modality}", f1s) for modality, f1s in groups.items()]
     return lines
 
 

@@ -284,12 +284,13 @@ class NormalizeIntensityPercentiled(MapTransform):
         self.function = normalize_per_channel if per_channel else normalize_whole
         self.lower, self.upper, self.max_noise = lower, upper, max_noise
         self.ignore_zeros = bool(ignore_zeros) or per_channel
+        # the per-channel function always counts non-zero pixels and takes no such option
+        self._options = {} if per_channel else {"ignore_zeros": self.ignore_zeros}
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         for key in self.key_iterator(d):
-            options = {} if self.function is normalize_per_channel else {"ignore_zeros": self.ignore_zeros}
             d[key] = _apply(
-                self.function, d[key], lower=self.lower, upper=self.upper, max_noise=self.max_noise, **options
+                self.function, d[key], lower=self.lower, upper=self.upper, max_noise=self.max_noise, **self._options
             )
         return d

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from common.classical import otsu_distance_watershed
-from common.evaluation import read_modalities
+from common.evaluation import group_by_modality, read_modalities
 from common.io import label_path_for, list_images, read_image, read_label
 from common.metrics import challenge_counts, f1_from_counts
 from common.postprocess import interior_components, mt2_watershed
@@ -99,10 +99,8 @@ def _network_maps(tuning: _Tuning, dataset_dir: Path, checkpoint: str | None, ov
 
 def _per_modality(f1s: dict[str, float], modality_of: dict[str, str]) -> dict[str, float]:
     """Mean F1 per modality (images the CSV does not name: ``unknown``)."""
-    groups: dict[str, list[float]] = {}
-    for name, f1 in f1s.items():
-        groups.setdefault(modality_of.get(name, "unknown"), []).append(f1)
-    return {modality: round(float(np.mean(values)), 4) for modality, values in sorted(groups.items())}
+    groups = group_by_modality(f1s.items(), modality_of)
+    return {modality: round(float(np.mean(values)), 4) for modality, values in groups.items()}
 
 
 def _baseline_f1s(dataset_dir: Path, labels: dict[str, np.ndarray]) -> dict[str, float]:
