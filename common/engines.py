@@ -89,22 +89,29 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if self.unlabeled_data_loader is None:
             return None
         started = time.perf_counter()
+        # Called inside the step's autocast: the transforms (run here when num_workers is 0) and the loader
+        # workers (forked from this thread, inheriting its autocast state) must run in float32. Under bfloat16
+        # autocast a transform's convolution returns bfloat16, which numpy cannot hold.
+        with torch.autocast("cpu", enabled=False):
+            batch = self._draw_unlabeled_batch()
+        self.unlabeled_wait_seconds += time.perf_counter() - started
+        return {
+            key: value.to(self.state.device, non_blocking=self.non_blocking) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
+        }
+
+    def _draw_unlabeled_batch(self) -> dict:
         if self._unlabeled_iterator is None:
             self._unlabeled_iterator = iter(self.unlabeled_data_loader)
         try:
-            batch = next(self._unlabeled_iterator)
+            return next(self._unlabeled_iterator)
         except StopIteration:
             self._unlabeled_epoch += 1
             sampler = getattr(self.unlabeled_data_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self._unlabeled_epoch)
             self._unlabeled_iterator = iter(self.unlabeled_data_loader)
-            batch = next(self._unlabeled_iterator)
-        self.unlabeled_wait_seconds += time.perf_counter() - started
-        return {
-            key: value.to(self.state.device, non_blocking=self.non_blocking) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()
-        }
+            return next(self._unlabeled_iterator)
 
     def train_networks(self) -> list[nn.Module]:
         """Networks put in train mode each iteration."""

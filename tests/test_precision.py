@@ -1,18 +1,24 @@
-"""The ``amp`` setting: which dtype it means where, and bfloat16 against float32 on a real image."""
+"""The ``amp`` setting: which dtype it means where, bfloat16 against float32 on a real image, and a bfloat16
+mean-teacher step whose unlabeled transforms stay in float32."""
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
+from monai.data import DataLoader, Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import BasicUNet
+from monai.transforms import Compose, Lambdad, RandGaussianSmoothd
 
+from common.acquisition import RandDefocusd
+from common.engines import MeanTeacherTrainer
 from common.intensity import normalize_whole, to_three_channels
 from common.io import read_image, read_label
-from common.losses import CrossCTSupervisedLoss
+from common.losses import CrossCTSupervisedLoss, MT2SupervisedLoss, mt2_consistency_loss
 from common.precision import AutocastInferer, autocast_dtype, cpu_has_native_bfloat16
-from common.targets import cell_distance_map, neighbor_distance_map, three_class_map
+from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map, three_class_map
 
 
 def test_amp_settings_mean_the_documented_dtypes():
@@ -64,3 +70,43 @@ def test_a_few_bfloat16_training_steps_lower_the_loss_on_a_fixed_real_batch(dev_
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+
+def _float32_only(image: torch.Tensor) -> torch.Tensor:
+    if image.dtype != torch.float32:
+        raise TypeError(f"an unlabeled transform returned {image.dtype}")
+    return image
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_bfloat16_mean_teacher_step_runs_the_unlabeled_transforms_in_float32(dev_dir, num_workers):
+    # The unlabeled batch is drawn inside the step's autocast: a blur's convolution there returned bfloat16 and
+    # the next transform, which goes through numpy, failed, in the main process and in forked loader workers.
+    image, label = _real_patch(dev_dir, size=32)
+    target = np.concatenate([three_class_map(label)[None], mt2_heatmaps(label)]).astype(np.float32)
+    labeled = [{"image": image[0], "label": torch.from_numpy(target)}] * 2
+    strong_view = Compose([
+        RandGaussianSmoothd("image_strong", prob=1.0, sigma_x=(1.0, 1.0), sigma_y=(1.0, 1.0)),
+        RandDefocusd("image_strong", prob=1.0),
+        Lambdad("image_strong", _float32_only),
+    ])  # fmt: skip
+    unlabeled = Dataset([{"image": image[0], "image_strong": image[0].clone()}] * 2, transform=strong_view)
+    torch.manual_seed(0)
+    student, teacher = (BasicUNet(spatial_dims=2, in_channels=3, out_channels=5, features=(4, 4, 8, 8, 16, 4))
+                        for _ in range(2))  # fmt: skip
+    trainer = MeanTeacherTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=DataLoader(labeled, batch_size=2),
+        unlabeled_data_loader=DataLoader(unlabeled, batch_size=2, num_workers=num_workers),
+        network=student,
+        teacher_network=teacher,
+        optimizer=torch.optim.AdamW(student.parameters(), lr=1e-3),
+        loss_function=MT2SupervisedLoss(),
+        consistency_loss=mt2_consistency_loss,
+        amp=True,  # bfloat16 on any CPU
+    )
+    trainer.run()
+    assert trainer.autocast_dtype is torch.bfloat16 and trainer.state.iteration == 1
+    assert math.isfinite(float(trainer.state.output[0]["loss_consistency"]))
