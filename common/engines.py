@@ -113,6 +113,13 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             self._unlabeled_iterator = iter(self.unlabeled_data_loader)
             return next(self._unlabeled_iterator)
 
+    def in_float32(self, loss_function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        """``loss_function(*tensors)`` on float32 copies, outside the step's autocast. Under bfloat16 autocast a
+        loss's own convolutions (SSIM's Gaussian window) run in bfloat16, where a local variance E[x²] - E[x]²
+        loses more than SSIM's constant C2 = 9e-4: MT²'s loss became NaN after 25 steps of a real run."""
+        with torch.autocast(self.state.device.type, enabled=False):
+            return loss_function(*(tensor.float() for tensor in tensors))
+
     def train_networks(self) -> list[nn.Module]:
         """Networks put in train mode each iteration."""
         return [self.network]
@@ -121,7 +128,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         """One iteration's forward pass: returns the network prediction for ``inputs`` and a dict of loss
         terms whose ``"loss"`` entry is the total to back-propagate. Subclasses override."""
         prediction = self.inferer(inputs, self.network)
-        return prediction, {"loss": self.loss_function(prediction, targets).mean()}
+        return prediction, {"loss": self.in_float32(self.loss_function, prediction, targets).mean()}
 
     def after_step(self) -> None:
         """Called after the optimizers stepped (e.g. EMA updates)."""
@@ -242,7 +249,7 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
             (inputs, targets), _, _ = self.cutmix([inputs, targets])
         if not self.teaching:
             prediction = self.network(inputs)
-            supervised = self.loss_function(prediction, targets).mean()
+            supervised = self.in_float32(self.loss_function, prediction, targets).mean()
             return prediction, {"loss": supervised, "loss_supervised": supervised.detach()}
 
         unlabeled = self.next_unlabeled_batch()
@@ -253,8 +260,8 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         if self.cutmix is not None:
             (strong, teacher_heatmaps), _, _ = self.cutmix([strong, teacher_heatmaps])
         prediction, student_strong = _split_forward(self.network, inputs, strong)
-        supervised = self.loss_function(prediction, targets).mean()
-        consistency = self.consistency_loss(student_strong, teacher_heatmaps)
+        supervised = self.in_float32(self.loss_function, prediction, targets).mean()
+        consistency = self.in_float32(self.consistency_loss, student_strong, teacher_heatmaps)
         total = supervised + self.consistency_weight * consistency
         return prediction, {"loss": total, "loss_supervised": supervised.detach(), "loss_consistency": consistency.detach()}
 
@@ -306,13 +313,13 @@ class CrossTeachingTrainer(SemiSupervisedTrainer):
         images = unlabeled["image"] if unlabeled is not None else None
         prediction, outputs_a = _split_forward(self.network, inputs, images)
         labeled_b, outputs_b = _split_forward(self.second_network, inputs, images)
-        supervised_a = self.loss_function(prediction, targets).mean()
-        supervised_b = self.loss_function(labeled_b, targets).mean()
+        supervised_a = self.in_float32(self.loss_function, prediction, targets).mean()
+        supervised_b = self.in_float32(self.loss_function, labeled_b, targets).mean()
         losses = {"loss_supervised_a": supervised_a.detach(), "loss_supervised_b": supervised_b.detach()}
         total = supervised_a + supervised_b
         if images is not None:
             weight = self.cross_weight()
-            cross = cross_teaching_loss(outputs_a, outputs_b)
+            cross = self.in_float32(cross_teaching_loss, outputs_a, outputs_b)
             total = total + weight * cross
             losses.update(loss_cross=cross.detach(), cross_weight=torch.tensor(weight))
         return prediction, {"loss": total, **losses}

@@ -72,17 +72,15 @@ def test_a_few_bfloat16_training_steps_lower_the_loss_on_a_fixed_real_batch(dev_
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-
 def _float32_only(image: torch.Tensor) -> torch.Tensor:
     if image.dtype != torch.float32:
         raise TypeError(f"an unlabeled transform returned {image.dtype}")
     return image
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_a_bfloat16_mean_teacher_step_runs_the_unlabeled_transforms_in_float32(dev_dir, num_workers):
-    # The unlabeled batch is drawn inside the step's autocast: a blur's convolution there returned bfloat16 and
-    # the next transform, which goes through numpy, failed, in the main process and in forked loader workers.
+def _bfloat16_mean_teacher_step(dev_dir, num_workers=0, loss_function=None, consistency_loss=None):
+    """One bfloat16 mean-teacher step (forced: any CPU) on a real 32² patch, the strong unlabeled view blurred
+    then defocused; returns the trainer after the step."""
     image, label = _real_patch(dev_dir, size=32)
     target = np.concatenate([three_class_map(label)[None], mt2_heatmaps(label)]).astype(np.float32)
     labeled = [{"image": image[0], "label": torch.from_numpy(target)}] * 2
@@ -103,10 +101,36 @@ def test_a_bfloat16_mean_teacher_step_runs_the_unlabeled_transforms_in_float32(d
         network=student,
         teacher_network=teacher,
         optimizer=torch.optim.AdamW(student.parameters(), lr=1e-3),
-        loss_function=MT2SupervisedLoss(),
-        consistency_loss=mt2_consistency_loss,
-        amp=True,  # bfloat16 on any CPU
+        loss_function=loss_function or MT2SupervisedLoss(),
+        consistency_loss=consistency_loss or mt2_consistency_loss,
+        amp=True,
     )
     trainer.run()
     assert trainer.autocast_dtype is torch.bfloat16 and trainer.state.iteration == 1
+    return trainer
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_bfloat16_mean_teacher_step_runs_the_unlabeled_transforms_in_float32(dev_dir, num_workers):
+    # The unlabeled batch is drawn inside the step's autocast: a blur's convolution there returned bfloat16 and
+    # the next transform, which goes through numpy, failed, in the main process and in forked loader workers.
+    trainer = _bfloat16_mean_teacher_step(dev_dir, num_workers)
     assert math.isfinite(float(trainer.state.output[0]["loss_consistency"]))
+
+
+def test_a_bfloat16_step_computes_its_losses_in_float32(dev_dir):
+    # SSIM's local variances lose more than its constant in bfloat16: a real MT² run's loss went to -inf at step 26
+    calls = []
+
+    def recorded(loss_function):
+        def run(*tensors):
+            calls.append((torch.is_autocast_enabled("cpu"), *(tensor.dtype for tensor in tensors)))
+            return loss_function(*tensors)
+
+        return run
+
+    trainer = _bfloat16_mean_teacher_step(dev_dir, loss_function=recorded(MT2SupervisedLoss()),
+                                          consistency_loss=recorded(mt2_consistency_loss))  # fmt: skip
+    assert calls == [(False, torch.float32, torch.float32)] * 2, calls
+    network_output = trainer.state.output[0]["pred"]
+    assert network_output.dtype == torch.bfloat16  # the forward pass itself did run in reduced precision
