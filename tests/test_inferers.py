@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -9,12 +11,16 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from torch import nn
 
-from common.inferers import FlipAveragingInferer, MultiScaleInferer
+import common.inferers
+from common.inferers import FlipAveragingInferer
 from common.io import read_image
 from common.networks import MultiHeadUNetPlusPlus
 from common.postprocess import MT2Watershedd
 
 ROI = 32
+# float32 unless a test says otherwise: these tests compare stitching with exact answers, and amp "auto" means
+# bfloat16 on a CPU that runs it natively
+MultiScaleInferer = functools.partial(common.inferers.MultiScaleInferer, amp=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
