@@ -4,6 +4,7 @@ mean-teacher step whose unlabeled transforms stay in float32."""
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 import torch
