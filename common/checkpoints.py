@@ -9,6 +9,7 @@ All files are written atomically and hold tensors and plain numbers only, so the
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Callable, Mapping
@@ -71,7 +72,8 @@ class TrainingCheckpointer:
 
     def attach(self, trainer: Engine) -> None:
         self._best_checkpoints: list[Checkpoint] = []
-        everything = {**self.save_dict, "trainer": trainer, BEST_KEY: _BestScore(self._best_checkpoints, self._latest_score)}
+        best_score = _BestScore(self._best_checkpoints, self._latest_score, self.validator)
+        everything = {**self.save_dict, "trainer": trainer, BEST_KEY: best_score}
         if self.resume_from is not None:
             trainer.add_event_handler(Events.STARTED, self._resume, everything)
         if self.save_dir is None:
@@ -141,7 +143,8 @@ class TrainingCheckpointer:
         logger.info("resumed from %s after epoch %d (iteration %d)", self.resume_from, trainer.state.epoch, trainer.state.iteration)
         best = everything.get(BEST_KEY)
         if best is not None and best.score is not None:
-            logger.info("best validation score so far: %.4f (a new checkpoint_best.pt/model.pt needs more)", best.score)
+            logger.info("best validation score so far: %.4f%s (a new checkpoint_best.pt/model.pt needs more)", best.score,
+                        f" at epoch {best.epoch}" if best.epoch is not None else "")
 
 
 BEST_KEY = "best_score"
@@ -165,23 +168,36 @@ def _follow_configured_schedule(scheduler: LRScheduler, configured: Mapping[str,
 
 
 class _BestScore:
-    """The best validation score of a run as checkpoint state, so that a resumed run replaces
-    ``checkpoint_best.pt``/``model.pt`` only when it beats the score they were saved with.
+    """The best validation score of a run (and its epoch) as checkpoint state, so that a resumed run replaces
+    ``checkpoint_best.pt``/``model.pt`` only when it beats the score they were saved with, and a MONAI evaluator
+    logs the run's best ("Key metric: ... best value ... at epoch ..."), not only its best since the restart.
 
     ``latest_score`` gives the validator's latest score (or None): ignite asks for the state before it records
     the checkpoint it is writing, so the best checkpoint's own score is the latest one, not yet a saved one.
+    The epoch is the validator's ``state.best_metric_epoch``, which MONAI's evaluators keep (-1: not known).
     """
 
-    def __init__(self, checkpoints: list[Checkpoint], latest_score: Callable[[], float | None]):
+    def __init__(self, checkpoints: list[Checkpoint], latest_score: Callable[[], float | None], validator: Engine | None = None):
         self.checkpoints = checkpoints
         self.latest_score = latest_score
+        self.validator = validator
         self.score: float | None = None
+        self.epoch: int | None = None
+
+    def _validator_state(self):
+        state = getattr(self.validator, "state", None)
+        return state if hasattr(state, "best_metric_epoch") else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         scores = [priority for checkpoint in self.checkpoints for priority, _ in checkpoint.state_dict()["_saved"]]
         latest = self.latest_score()
         scores += [] if latest is None else [latest]
-        return {"score": torch.tensor(max(scores) if scores else float("nan"), dtype=torch.float64)}
+        best, state = (max(scores) if scores else float("nan")), self._validator_state()
+        # the evaluator's best is the run's only when no remembered score from before a restart beats it
+        known = state is not None and scores and math.isclose(float(state.best_metric), best, rel_tol=0.0, abs_tol=1e-9)
+        epoch = state.best_metric_epoch if known else -1
+        return {"score": torch.tensor(best, dtype=torch.float64),
+                "epoch": torch.tensor(int(epoch), dtype=torch.int64)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         score = float(state["score"])
@@ -191,6 +207,11 @@ class _BestScore:
         for checkpoint in self.checkpoints:
             filename = checkpoint.filename_pattern.format(ext="pt")
             checkpoint.load_state_dict({"_saved": [(score, filename)]})
+        epoch = int(state["epoch"]) if "epoch" in state else -1  # older checkpoints kept the score alone
+        validator_state = self._validator_state()
+        if epoch >= 0 and validator_state is not None:
+            self.epoch = epoch
+            validator_state.best_metric, validator_state.best_metric_epoch = score, epoch
 
 
 class _ReplacingDiskSaver(DiskSaver):

@@ -12,11 +12,14 @@ from common.acquisition import (
     RandInvertIntensityd,
     RandJpegd,
     RandPoissonNoised,
+    RandStainJitterd,
     acquisition_families,
     chosen_families,
     defocus_blur,
     disk_kernel,
     invert_intensity,
+    is_colour,
+    jitter_stains,
     jpeg_recompress,
     poisson_noise,
 )
@@ -159,3 +162,59 @@ def test_each_family_at_full_probability_changes_a_real_image_within_the_unit_ra
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
     assert float((out - torch.from_numpy(real_image)).abs().mean()) > 1e-3
     assert torch.equal(data["label"], torch.ones(1, 128, 128))
+
+
+def _stained(densities: np.ndarray) -> np.ndarray:
+    """(3, H, W) RGB transmitted through haematoxylin, eosin and DAB densities (3, H, W), by Beer-Lambert."""
+    from skimage.color.colorconv import rgb_from_hed
+
+    optical_density = np.einsum("shw,sc->chw", densities, rgb_from_hed)
+    return np.exp(-optical_density).astype(np.float32)
+
+
+def test_stain_jitter_scales_and_shifts_each_stain_by_its_known_amount():
+    densities = np.zeros((3, 32, 32))
+    densities[0, 8:24, 8:24] = 0.6  # a haematoxylin nucleus
+    densities[1] = 0.2  # eosin everywhere
+    image = _stained(densities)
+    expected = _stained(densities * np.array([1.5, 0.5, 1.0])[:, None, None] + np.array([0.0, 0.0, 0.1])[:, None, None])
+    out = jitter_stains(image, scales=[1.5, 0.5, 1.0], shifts=[0.0, 0.0, 0.1])
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_allclose(jitter_stains(image, [1, 1, 1], [0, 0, 0]), image, atol=1e-5)
+    # without the DAB shift: the nucleus gets darker, the eosin background lighter
+    scaled = jitter_stains(image, scales=[1.5, 0.5, 1.0], shifts=[0.0, 0.0, 0.0])
+    assert scaled[:, 16, 16].sum() < image[:, 16, 16].sum() and scaled[:, 0, 0].sum() > image[:, 0, 0].sum()
+
+
+def test_stain_jitter_leaves_grey_and_white_alone_and_refuses_bad_arguments():
+    grey = np.repeat(np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8), 3, axis=0)
+    assert not is_colour(grey)
+    assert np.array_equal(jitter_stains(grey, [1.2, 0.8, 1.1], [0.05, 0.05, 0.05]), grey)
+    white = np.ones((3, 8, 8), dtype=np.float32)
+    assert np.array_equal(jitter_stains(white, [0.8, 1.2, 1.1], [0.0, 0.0, 0.0]), white)
+    with pytest.raises(ValueError, match="3-channel"):
+        jitter_stains(np.zeros((1, 8, 8), np.float32), [1, 1, 1], [0, 0, 0])
+    with pytest.raises(ValueError, match="3 positive scales"):
+        jitter_stains(white, [1, 0, 1], [0, 0, 0])
+    with pytest.raises(ValueError, match="scale_range"):
+        RandStainJitterd(keys="image", scale_range=(1.2, 0.8))
+
+
+def test_stain_family_recolours_a_real_brightfield_image_and_keeps_its_structure():
+    """The scikit-image IHC sample (haematoxylin + DAB): at full probability it changes colour, not layout."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "common" / "sample_data" / "images" / "skimage_ihc.png"
+    image = normalize_whole(to_three_channels(read_image(sample)))[:, :256, :256]
+    (transform,) = acquisition_families("image")["stain"]
+    transform.prob = 1.0
+    transform.set_random_state(3)
+    label = torch.arange(256 * 256).reshape(1, 256, 256)
+    data = transform({"image": MetaTensor(torch.from_numpy(image.copy())), "label": label})
+    out = data["image"].numpy()
+    assert out.dtype == np.float32 and out.shape == image.shape
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert np.abs(out - image).mean() > 0.005
+    assert np.corrcoef(out.mean(axis=0).ravel(), image.mean(axis=0).ravel())[0, 1] > 0.95
+    assert torch.equal(data["label"], label)

@@ -132,15 +132,21 @@ def test_a_resumed_run_replaces_the_best_model_only_when_it_beats_the_remembered
     folder, _ = trained_run
     checkpoint = torch.load(folder / "run" / "checkpoint_last.pt", weights_only=True)
     assert math.isfinite(float(checkpoint["best_score"]["score"]))  # the run validated, and its checkpoint says how well
+    assert 1 <= int(checkpoint["best_score"]["epoch"]) <= 2  # and at which epoch
     checkpoint["best_score"]["score"] = torch.tensor(remembered, dtype=torch.float64)  # F1 lies in [0, 1]
+    checkpoint["best_score"]["epoch"] = torch.tensor(1, dtype=torch.int64)
     torch.save(checkpoint, tmp_path / "remembering.pt")
     workflow = train_workflow(folder / "data", tmp_path / "resumed", epochs=3, resume_from=str(tmp_path / "remembering.pt"))
     workflow.run()
     workflow.finalize()
     assert (tmp_path / "resumed" / "model.pt").is_file() == replaced
     assert (tmp_path / "resumed" / "checkpoint_best.pt").is_file() == replaced
-    kept = float(torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["best_score"]["score"])
-    assert kept == remembered if not replaced else 0.0 <= kept <= 1.0
+    kept = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["best_score"]
+    assert float(kept["score"]) == remembered if not replaced else 0.0 <= float(kept["score"]) <= 1.0
+    # the evaluator's own record (its "Key metric ... best value ... at epoch" log) is the run's, not the restart's
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == ((remembered, 1) if not replaced else (float(kept["score"]), 3))
+    assert int(kept["epoch"]) == evaluator.state.best_metric_epoch
 
 
 def inference_settings(folder):
