@@ -208,9 +208,11 @@ class _BestScore:
             filename = checkpoint.filename_pattern.format(ext="pt")
             checkpoint.load_state_dict({"_saved": [(score, filename)]})
         epoch = int(state["epoch"]) if "epoch" in state else -1  # older checkpoints kept the score alone
+        if epoch < 0:
+            return
+        self.epoch = epoch
         validator_state = self._validator_state()
-        if epoch >= 0 and validator_state is not None:
-            self.epoch = epoch
+        if validator_state is not None:
             validator_state.best_metric, validator_state.best_metric_epoch = score, epoch
 
 

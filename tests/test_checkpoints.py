@@ -105,3 +105,25 @@ def test_publishes_the_final_network_when_the_run_never_validated(tmp_path):
     TrainingCheckpointer(tmp_path / "run", {"model": network}, validator=Engine(lambda e, b: None), publish_to=target).attach(trainer)
     trainer.run(range(3), max_epochs=1)
     assert torch.equal(torch.load(target, weights_only=True)["bias"], network.bias)
+
+
+def test_a_checkpoint_without_the_best_epoch_still_resumes_with_its_best_score(tmp_path):
+    """Checkpoints written before the epoch was kept hold the score alone: the resumed run still beats it or not."""
+    network = torch.nn.Linear(2, 1)
+    trainer = Engine(lambda engine, batch: None)
+    validator = _validator_scoring([0.2, 0.5])
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: validator.run(range(1)))
+    TrainingCheckpointer(tmp_path / "first", {"model": network}, validator=validator).attach(trainer)
+    trainer.run(range(2), max_epochs=2)
+    checkpoint = torch.load(tmp_path / "first" / "checkpoint_last.pt", weights_only=True)
+    assert int(checkpoint["best_score"]["epoch"]) == -1  # a plain ignite validator keeps no best epoch
+    del checkpoint["best_score"]["epoch"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+
+    trainer = Engine(lambda engine, batch: None)
+    validator = _validator_scoring([0.4, 0.45])
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: validator.run(range(1)))
+    TrainingCheckpointer(tmp_path / "resumed", {"model": network}, validator=validator, resume_from=tmp_path / "old.pt").attach(trainer)
+    trainer.run(range(2), max_epochs=4)
+    assert not (tmp_path / "resumed" / "model.pt").exists()  # 0.4 and 0.45 never beat the remembered 0.5
+    assert float(torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["best_score"]["score"]) == 0.5
