@@ -12,7 +12,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from ignite.engine import Engine, Events
@@ -72,8 +72,7 @@ class TrainingCheckpointer:
 
     def attach(self, trainer: Engine) -> None:
         self._best_checkpoints: list[Checkpoint] = []
-        best_score = _BestScore(self._best_checkpoints, self._latest_score, self.validator)
-        everything = {**self.save_dict, "trainer": trainer, BEST_KEY: best_score}
+        everything = {**self.save_dict, "trainer": trainer, BEST_KEY: _BestScore(self._best_checkpoints, self.validator)}
         if self.resume_from is not None:
             trainer.add_event_handler(Events.STARTED, self._resume, everything)
         if self.save_dir is None:
@@ -86,7 +85,7 @@ class TrainingCheckpointer:
             return
 
         def key_metric(_: Engine) -> float:
-            return self._latest_score()
+            return _latest_score(self.validator)
 
         best = Checkpoint(everything, self._saver(), filename_pattern="checkpoint_best.{ext}", n_saved=1, score_function=key_metric)
         network: nn.Module = self.save_dict[self.model_key]
@@ -112,14 +111,6 @@ class TrainingCheckpointer:
             temporary.unlink(missing_ok=True)
         what = "the best network of the run" if validated else "the final network (the run never validated)"
         logger.info("published %s to %s", what, self.publish_to)
-
-    def _latest_score(self) -> float | None:
-        """The validator's key metric from its latest run; None before the first validation."""
-        state = getattr(self.validator, "state", None)
-        name = getattr(state, "key_metric_name", None)
-        if name is None or name not in state.metrics:
-            return None
-        return float(state.metrics[name])
 
     def _resume(self, trainer: Engine, everything: dict) -> None:
         checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True)
@@ -148,6 +139,15 @@ class TrainingCheckpointer:
 
 
 BEST_KEY = "best_score"
+
+
+def _latest_score(validator: Engine | None) -> float | None:
+    """The validator's key metric from its latest run; None before the first validation (or without a validator)."""
+    state = getattr(validator, "state", None)
+    name = getattr(state, "key_metric_name", None)
+    if name is None or name not in state.metrics:
+        return None
+    return float(state.metrics[name])
 _SCHEDULE_PROGRESS = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step")
 
 
@@ -172,14 +172,13 @@ class _BestScore:
     ``checkpoint_best.pt``/``model.pt`` only when it beats the score they were saved with, and a MONAI evaluator
     logs the run's best ("Key metric: ... best value ... at epoch ..."), not only its best since the restart.
 
-    ``latest_score`` gives the validator's latest score (or None): ignite asks for the state before it records
-    the checkpoint it is writing, so the best checkpoint's own score is the latest one, not yet a saved one.
+    The scores are the saved checkpoints' and the validator's latest (ignite asks for the state before it records
+    the checkpoint it is writing, so the best checkpoint's own score is the latest one, not yet a saved one).
     The epoch is the validator's ``state.best_metric_epoch``, which MONAI's evaluators keep (-1: not known).
     """
 
-    def __init__(self, checkpoints: list[Checkpoint], latest_score: Callable[[], float | None], validator: Engine | None = None):
+    def __init__(self, checkpoints: list[Checkpoint], validator: Engine | None):
         self.checkpoints = checkpoints
-        self.latest_score = latest_score
         self.validator = validator
         self.score: float | None = None
         self.epoch: int | None = None
@@ -190,7 +189,7 @@ class _BestScore:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         scores = [priority for checkpoint in self.checkpoints for priority, _ in checkpoint.state_dict()["_saved"]]
-        latest = self.latest_score()
+        latest = _latest_score(self.validator)
         scores += [] if latest is None else [latest]
         best, state = (max(scores) if scores else float("nan")), self._validator_state()
         # the evaluator's best is the run's only when no remembered score from before a restart beats it

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from skimage.color.colorconv import rgb_from_hed
 
 from common.acquisition import (
     RandDefocusd,
@@ -166,8 +169,6 @@ def test_each_family_at_full_probability_changes_a_real_image_within_the_unit_ra
 
 def _stained(densities: np.ndarray) -> np.ndarray:
     """(3, H, W) RGB transmitted through haematoxylin, eosin and DAB densities (3, H, W), by Beer-Lambert."""
-    from skimage.color.colorconv import rgb_from_hed
-
     optical_density = np.einsum("shw,sc->chw", densities, rgb_from_hed)
     return np.exp(-optical_density).astype(np.float32)
 
@@ -203,8 +204,6 @@ def test_stain_jitter_leaves_grey_and_white_alone_and_refuses_bad_arguments():
 
 def test_stain_family_recolours_a_real_brightfield_image_and_keeps_its_structure():
     """The scikit-image IHC sample (haematoxylin + DAB): at full probability it changes colour, not layout."""
-    from pathlib import Path
-
     sample = Path(__file__).resolve().parents[1] / "common" / "sample_data" / "images" / "skimage_ihc.png"
     image = normalize_whole(to_three_channels(read_image(sample)))[:, :256, :256]
     (transform,) = acquisition_families("image")["stain"]
