@@ -24,6 +24,8 @@ from skimage.filters import gaussian
 from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import expand_labels, relabel_sequential, watershed
 
+from common.intensity import is_dark_field
+
 __all__ = [
     "mt2_watershed",
     "split_at_necks",
@@ -228,7 +230,8 @@ class _ChannelPostprocessd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.output_key = output_key
 
-    def instances(self, prediction: np.ndarray) -> np.ndarray:
+    def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
+        """(H, W) int32 instances of one (C, H, W) float32 prediction; ``data`` is the whole dictionary."""
         raise NotImplementedError
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -238,7 +241,7 @@ class _ChannelPostprocessd(MapTransform):
             array = prediction.detach().cpu().numpy() if isinstance(prediction, torch.Tensor) else np.asarray(prediction)
             if array.ndim != 3:
                 raise ValueError(f"'{key}' must be a (C, H, W) prediction, got shape {array.shape}")
-            labels = torch.from_numpy(self.instances(array.astype(np.float32, copy=False))[None])
+            labels = torch.from_numpy(self.instances(array.astype(np.float32, copy=False), d)[None])
             if isinstance(prediction, MetaTensor):
                 labels = MetaTensor(labels, meta=prediction.meta)
             d[self.output_key or key] = labels
@@ -247,7 +250,13 @@ class _ChannelPostprocessd(MapTransform):
 
 class MT2Watershedd(_ChannelPostprocessd):
     """Dictionary wrapper of :func:`mt2_watershed` for an MT² prediction (C, H, W) holding the cell and
-    boundary probabilities at ``cell_channel`` and ``boundary_channel`` (logits when ``sigmoid`` is True)."""
+    boundary probabilities at ``cell_channel`` and ``boundary_channel`` (logits when ``sigmoid`` is True).
+
+    With ``dark_field_neck_depth`` set, images that :func:`common.intensity.is_dark_field` calls dark-field
+    (fluorescence: small, round nuclei, whose touching pairs meet at shallow necks) are split at that depth and
+    the others at ``neck_depth``; the normalized (C, H, W) image is then read from ``image_key`` of the same
+    dictionary, which MONAI's evaluators and MONAI Label's post-processing hold. None: ``neck_depth`` for all.
+    """
 
     def __init__(
         self,
@@ -259,21 +268,34 @@ class MT2Watershedd(_ChannelPostprocessd):
         seed_threshold: float = 0.8,
         min_seed_size: int = 64,
         neck_depth: float = 0.0,
+        dark_field_neck_depth: float | None = None,
+        image_key: str = "image",
         output_key: str | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, output_key, allow_missing_keys)
         self.channels = (cell_channel, boundary_channel)
         self.sigmoid = sigmoid
-        self.params = dict(
-            cell_threshold=cell_threshold, seed_threshold=seed_threshold, min_seed_size=min_seed_size, neck_depth=neck_depth
-        )
+        self.params = dict(cell_threshold=cell_threshold, seed_threshold=seed_threshold, min_seed_size=min_seed_size)
+        self.neck_depth = neck_depth
+        self.dark_field_neck_depth = dark_field_neck_depth
+        self.image_key = image_key
 
-    def instances(self, prediction: np.ndarray) -> np.ndarray:
+    def _neck_depth(self, data: Mapping[Hashable, object]) -> float:
+        if self.dark_field_neck_depth is None:
+            return self.neck_depth
+        if self.image_key not in data:
+            raise KeyError(
+                f"MT2Watershedd with dark_field_neck_depth reads the normalized image under '{self.image_key}', which "
+                f"the dictionary lacks (keys: {sorted(map(str, data))}); pass it, or set dark_field_neck_depth to None"
+            )
+        return self.dark_field_neck_depth if is_dark_field(data[self.image_key]) else self.neck_depth
+
+    def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
         cell, boundary = (prediction[c] for c in self.channels)
         if self.sigmoid:
             cell, boundary = 1.0 / (1.0 + np.exp(-cell)), 1.0 / (1.0 + np.exp(-boundary))
-        return mt2_watershed(cell, boundary, **self.params)
+        return mt2_watershed(cell, boundary, **self.params, neck_depth=self._neck_depth(data))
 
 
 class InteriorComponentsd(_ChannelPostprocessd):
@@ -297,7 +319,7 @@ class InteriorComponentsd(_ChannelPostprocessd):
         self.softmax = softmax
         self.params = dict(threshold=threshold, min_size=min_size, max_hole_size=max_hole_size, expand_px=expand_px)
 
-    def instances(self, prediction: np.ndarray) -> np.ndarray:
+    def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
         classes = prediction[self.class_channels]
         if self.softmax:
             classes = np.exp(classes - classes.max(axis=0, keepdims=True))
@@ -324,6 +346,6 @@ class DistanceWatershedd(_ChannelPostprocessd):
         self.channels = (cell_channel, neighbor_channel)
         self.params = dict(seed_threshold=seed_threshold, mask_threshold=mask_threshold, min_seed_size=min_seed_size)
 
-    def instances(self, prediction: np.ndarray) -> np.ndarray:
+    def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
         cell, neighbor = (prediction[c] for c in self.channels)
         return distance_watershed(cell, neighbor, **self.params)

@@ -265,6 +265,19 @@ class SlideImage:
         return not any(np.any(rows.astype(np.float32) > threshold) for rows in bands)
 
 
+# Largest overview of a whole-slide image given to the post-processing (module ``WholeSlideSegmenter``).
+OVERVIEW_PIXELS = 4_000_000
+
+
+def _subsampling(shape: tuple[int, int], max_pixels: int) -> slice:
+    """The slice taking every k-th row and column of an (H, W) image, k the smallest that keeps at most
+    ``max_pixels``."""
+    step = 1
+    while -(-shape[0] // step) * -(-shape[1] // step) > max_pixels:
+        step += 1
+    return slice(None, None, step)
+
+
 def _normalization_of(preprocessing) -> tuple[bool, float, float, float | None, bool]:
     """(per_channel, lower, upper, max_noise, ignore_zeros) of the bundle's preprocessing, after checking that it
     is the chain that :class:`SlideImage` reproduces (load, three channels, percentile normalization, type
@@ -291,8 +304,11 @@ class WholeSlideSegmenter:
         preprocessing: the bundle's preprocessing (a ``Compose`` of LoadMicroscopyd, ToThreeChannelsd,
             NormalizeIntensityPercentiled, EnsureTyped); its normalization is applied per tile with the
             whole image's percentiles, so each tile sees exactly what the plain path would feed the network.
-        postprocessing: dictionary transform turning ``{pred_key: (C, h, w) network output}`` into an
-            (h, w) or (1, h, w) instance map under the same key (a bundle's ``postprocessing``).
+        postprocessing: dictionary transform turning ``{pred_key: (C, h, w) network output, image_key: (3, h', w')
+            normalized overview of the whole image}`` into an (h, w) or (1, h, w) instance map under
+            ``pred_key`` (a bundle's ``postprocessing``). The overview (every k-th row and column, at most
+            ``OVERVIEW_PIXELS``) is the same for every tile, so what the post-processing reads from the image
+            (MT²'s dark-field rule) is decided once for the whole image, as the inferer's scales are.
         writer: ``common.folders.SaveInstanceLabeld`` (its ``write`` names and writes the label).
         overlay_writer: optional ``common.overlays.SaveOverlayd``; it is given the label and the normalized
             image subsampled to its ``max_pixels`` (every k-th row and column), never the full-size image.
@@ -301,6 +317,7 @@ class WholeSlideSegmenter:
         tile_size: largest tile core side (px).
         halo: context around each tile (px): cells up to this size are never cut at a seam.
         pred_key: key the post-processing reads and writes.
+        image_key: key under which the post-processing is given the overview.
     """
 
     def __init__(
@@ -314,6 +331,7 @@ class WholeSlideSegmenter:
         tile_size: int = 2048,
         halo: int = 128,
         pred_key: str = "pred",
+        image_key: str = "image",
     ):
         self.mode = "auto" if str(mode).strip().lower() == "auto" else flag(mode)
         if min_pixels < 1:
@@ -327,6 +345,7 @@ class WholeSlideSegmenter:
         self.tile_size = tile_size
         self.halo = halo
         self.pred_key = pred_key
+        self.image_key = image_key
 
     def applies(self, path: str | os.PathLike) -> bool:
         """Whether the image at ``path`` is segmented in whole-slide mode."""
@@ -358,6 +377,8 @@ class WholeSlideSegmenter:
             inferer = inferer.for_whole_image(first_channel_empty=slide.first_channel_empty())
             align = inferer.grid_step()
         tiles = len(tile_grid(height, width, self.tile_size, self.halo, align))
+        every = _subsampling(slide.shape, OVERVIEW_PIXELS)
+        overview = torch.from_numpy(slide.region(every, every))
         name = Path(path).name
         logger.info(
             "%s: %d x %d px, whole-slide mode: %d tiles of at most %d px with a %d px halo",
@@ -369,7 +390,8 @@ class WholeSlideSegmenter:
             with torch.no_grad():
                 prediction = inferer(inputs, network)
             prediction = torch.as_tensor(prediction)[0].detach().float().cpu()
-            return as_instance_label(self.postprocessing({self.pred_key: prediction})[self.pred_key])
+            data = {self.pred_key: prediction, self.image_key: overview}
+            return as_instance_label(self.postprocessing(data)[self.pred_key])
 
         def report(done, total):
             elapsed = time.perf_counter() - start
@@ -383,11 +405,7 @@ class WholeSlideSegmenter:
         return labels
 
     def _write_overlay(self, slide: SlideImage, labels: np.ndarray, path: str | os.PathLike) -> None:
-        max_pixels = getattr(self.overlay_writer, "max_pixels", 25_000_000)
-        step = 1
-        while -(-labels.shape[0] // step) * -(-labels.shape[1] // step) > max_pixels:
-            step += 1
-        every = slice(None, None, step)
+        every = _subsampling(slide.shape, getattr(self.overlay_writer, "max_pixels", 25_000_000))
         image = MetaTensor(torch.from_numpy(slide.region(every, every)), meta={"filename_or_obj": str(path)})
         image_key = getattr(self.overlay_writer, "image_key", "image")
         self.overlay_writer({image_key: image, self.pred_key: labels[every, every]})

@@ -10,8 +10,10 @@ import torch
 from monai.data import MetaTensor
 
 from common.intensity import (
+    DARK_FIELD_MEDIAN,
     NormalizeIntensityPercentiled,
     ToThreeChannelsd,
+    is_dark_field,
     normalize_per_channel,
     normalize_whole,
     to_three_channels,
@@ -206,6 +208,46 @@ def test_dictionary_wrappers_keep_type_and_meta():
     assert set(wrapper({"image": array})) == {"image"}
     with pytest.raises(KeyError):
         NormalizeIntensityPercentiled(keys="missing")({"image": array})
+
+
+# ------------------------------------------------------------------------------------------------ dark field
+
+
+def test_dark_field_is_judged_by_the_median_pixel():
+    rows, cols = np.mgrid[:64, :64]
+    nuclei = ((rows % 16 - 8) ** 2 + (cols % 16 - 8) ** 2 < 16).astype(np.float32)  # 16 bright discs, 20 % of pixels
+    assert is_dark_field(nuclei) and is_dark_field(np.stack([nuclei] * 3))
+    assert not is_dark_field(1.0 - nuclei)  # the same shapes dark on a bright field (brightfield)
+    assert not is_dark_field(np.full((3, 8, 8), 0.4, np.float32))  # a mid-grey field (phase contrast)
+    # the median, not the mean: a field 60 % background at 0.1 with very bright cells is still dark
+    field = np.where(np.arange(100) < 60, 0.1, 1.0).astype(np.float32).reshape(10, 10)
+    assert field.mean() > DARK_FIELD_MEDIAN and is_dark_field(field)
+    assert is_dark_field(torch.from_numpy(nuclei).to(torch.bfloat16)) and is_dark_field(MetaTensor(torch.from_numpy(nuclei)))
+    assert not is_dark_field(field, threshold=0.05)
+    with pytest.raises(ValueError, match="empty"):
+        is_dark_field(np.zeros((3, 0, 4), np.float32))
+
+
+def test_dark_field_of_a_large_image_reads_a_subsample_with_the_same_answer():
+    rng = np.random.default_rng(0)
+    dark = rng.uniform(0.0, 0.2, size=(3, 1500, 1000)).astype(np.float32)  # 4.5 M values: subsampled
+    assert is_dark_field(dark) and not is_dark_field(1.0 - dark)
+
+
+def test_dark_field_tells_every_fluorescence_dev_image_from_the_others(dev_dir):
+    """After MT²'s normalization, every fluorescence image of the dev set (11) is dark-field and every other one
+    (stained tissue, H&E, grayscale brightfield, phase contrast: 24) is not."""
+    import csv
+
+    settings = config_values(MT2_CONFIGS / "inference.yaml", ["max_noise", "ignore_zeros"])
+    with open(dev_dir / "modalities.csv", newline="") as handle:
+        modality = {row["name"]: row["modality"] for row in csv.DictReader(handle)}
+    wrong = []
+    for image_path in sorted((dev_dir / "images").iterdir()):
+        image = normalize_whole(to_three_channels(read_image(image_path)), **settings)
+        if is_dark_field(image) != modality[image_path.stem].startswith("fluorescence"):
+            wrong.append((image_path.stem, modality[image_path.stem]))
+    assert len(modality) == 35 and not wrong
 
 
 # ------------------------------------------------------------------------------------------------ real data

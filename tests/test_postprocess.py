@@ -196,3 +196,26 @@ def test_dictionary_wrappers_read_channels_and_keep_metadata():
 
     with pytest.raises(ValueError, match="C, H, W"):
         DistanceWatershedd(keys="pred")({"pred": np.zeros((8, 8))})
+
+
+def test_dark_field_images_are_split_at_their_own_neck_depth():
+    """Two nuclei of radius 8 px whose centres are 12 px apart: their merged seed narrows by less than 2 px, so a
+    neck depth of 2 keeps it whole and 0.75 cuts it. With ``dark_field_neck_depth`` the image decides which."""
+    shape = (40, 60)
+    nuclei = disc(shape, (20, 24), 8) | disc(shape, (20, 36), 8)
+    logits = torch.full((5, *shape), -10.0)
+    logits[3][torch.from_numpy(nuclei)] = 10.0  # cell logit; no boundary signal between the two
+    dark_image = torch.from_numpy(np.stack([nuclei.astype(np.float32)] * 3))  # bright nuclei, dark background
+    bright_image = 1.0 - dark_image
+    settings = dict(keys="pred", sigmoid=True, min_seed_size=16, neck_depth=2.0)
+
+    def count(image, **more):
+        return int(MT2Watershedd(**settings, **more)({"pred": logits, "image": image})["pred"].max())
+
+    assert count(dark_image) == count(bright_image) == 1  # dark_field_neck_depth None: neck_depth for every image
+    assert count(dark_image, dark_field_neck_depth=0.75) == 2
+    assert count(bright_image, dark_field_neck_depth=0.75) == 1
+    renamed = MT2Watershedd(**settings, dark_field_neck_depth=0.75, image_key="img")({"pred": logits, "img": dark_image})
+    assert renamed["pred"].max() == 2
+    with pytest.raises(KeyError, match="normalized image under 'image'"):
+        MT2Watershedd(**settings, dark_field_neck_depth=0.75)({"pred": logits})

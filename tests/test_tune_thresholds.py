@@ -46,13 +46,20 @@ def test_every_combination_is_scored_and_the_best_is_the_highest(tmp_path, dev_d
     torch.save(MultiHeadUNetPlusPlus(features=FEATURES).state_dict(), tmp_path / "model.pt")
     overrides = {"features": FEATURES, "roi_size": [64, 64], "scales": [1.0]}
     best = tool.tune(
-        str(tmp_path / "val"), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.2, 0.5]", "[16]", "[0, 2]", json.dumps(overrides)
+        str(tmp_path / "val"), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.2, 0.5]", "[16]", "[0, 2]", json.dumps(overrides),
+        dark_field_neck_depths="[null, 0.5]",
     )
     lines = _printed_lines(capsys)
     combos = [line for line in lines if "best" not in line]
     # (0.3, 0.2) is skipped: a seed threshold below the mask threshold makes seeds outside the mask
-    settings = [(c["cell_threshold"], c["seed_threshold"], c["neck_depth"]) for c in combos]
-    assert settings == [(0.0, 0.2, 0), (0.0, 0.2, 2), (0.0, 0.5, 0), (0.0, 0.5, 2), (0.3, 0.5, 0), (0.3, 0.5, 2)]
+    settings = [(c["cell_threshold"], c["seed_threshold"], c["neck_depth"], c["dark_field_neck_depth"]) for c in combos]
+    assert settings == [
+        (cell, seed, neck, dark)
+        for cell, seed in ((0.0, 0.2), (0.0, 0.5), (0.3, 0.5)) for neck in (0, 2) for dark in (None, 0.5)
+    ]
+    # dsb_52a6b8ae4c8e is stained tissue, not dark-field: its neck depth is neck_depth whatever the dark-field one
+    for line, twin in zip(combos[::2], combos[1::2]):
+        assert line["per_image_f1"]["dsb_52a6b8ae4c8e"] == twin["per_image_f1"]["dsb_52a6b8ae4c8e"]
     for line in combos:
         assert set(line["per_image_f1"]) == {name.rsplit(".", 1)[0] for name in IMAGES}
         assert line["mean_f1"] == pytest.approx(sum(line["per_image_f1"].values()) / len(IMAGES), abs=1e-4)
@@ -72,7 +79,7 @@ def test_with_modalities_the_best_reaches_the_classical_baseline_on_every_modali
     overrides = {"features": FEATURES, "roi_size": [64, 64], "scales": [1.0]}
     best = tool.tune(
         str(val), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.5]", "[16]", "[0, 2]", json.dumps(overrides),
-        max_objects_per_cell=None, modalities=str(tmp_path / "modalities.csv"),
+        max_objects_per_cell=None, modalities=str(tmp_path / "modalities.csv"), dark_field_neck_depths="[null]",
     )
     lines = _printed_lines(capsys)
     floor = lines[0]["classical_per_modality_f1"]
@@ -128,3 +135,9 @@ def test_training_validation_post_processes_like_the_shipped_inference(bundle, s
     bundle_dir = tool.TUNINGS[bundle].bundle_dir / "configs"
     train, inference = (yaml.safe_load((bundle_dir / name).read_text()) for name in ("train.yaml", "inference.yaml"))
     assert {key: train[key] for key in settings} == {key: inference[key] for key in settings}
+
+
+def test_grids_take_json_and_what_fire_makes_of_it():
+    assert tool._numbers("[null, 0.5, 16]") == [None, 0.5, 16]
+    assert tool._numbers(["null", "None", 0.75, 2]) == [None, None, 0.75, 2]
+    assert isinstance(tool._numbers("[16]")[0], int) and isinstance(tool._numbers("[0.5]")[0], float)

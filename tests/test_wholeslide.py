@@ -220,7 +220,7 @@ def test_whole_slide_and_plain_mode_agree_across_many_seams(bundle, label_mosaic
     network = MapsAsLogits()
     with torch.no_grad():
         image = preprocessing({"image": str(path)})["image"]
-        plain = np.asarray(postprocessing({"pred": inferer(image[None], network)[0]})["pred"])[0]
+        plain = np.asarray(postprocessing({"pred": inferer(image[None], network)[0], "image": image})["pred"])[0]
         tiled = segmenter.segment(path, inferer, network)
 
     assert len(tile_grid(MOSAIC, MOSAIC, TILE, HALO)) == 36

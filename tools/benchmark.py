@@ -330,8 +330,8 @@ def inference(size: int = 1024, threads: int | None = None, repeats: int = 3):
             for choice in choices:
                 key = f"postprocessing_choices#{choice}" if bundle == "crossct" else "instance_postprocessing"
                 postprocessing = parser.get_parsed_content(key)
-                output_s, from_output = _timed(lambda: postprocessing({"pred": output[0]})["pred"], repeats)
-                maps_s, from_maps = _timed(lambda: postprocessing({"pred": maps})["pred"], repeats)
+                output_s, from_output = _timed(lambda: postprocessing({"pred": output[0], "image": inputs[0]})["pred"], repeats)
+                maps_s, from_maps = _timed(lambda: postprocessing({"pred": maps, "image": inputs[0]})["pred"], repeats)
                 slowest = max(output_s, maps_s)
                 line = {"benchmark": "inference", "bundle": bundle, "network": network_name, "postprocess": choice,
                         "image_px": [size, size], "weights": weights, "threads": torch.get_num_threads(),

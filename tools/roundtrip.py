@@ -1,7 +1,9 @@
 """Round trip of every labeled image: label -> training targets -> post-processing -> instances, scored
 against the label with the challenge F1. The MT² watershed and the CrossCT interior components use the settings of
-their bundle's inference config (what ships); CrossCT's distance-map watershed (``postprocess: distance``) its
-defaults. It measures what the target/post-processing pair alone loses, before any network.
+their bundle's inference config (what ships), except that MT²'s seeds are split at ``neck_depth`` on every image
+(the round trip reads labels, not images, so it cannot tell a dark-field image, which the bundle splits at
+``dark_field_neck_depth``); CrossCT's distance-map watershed (``postprocess: distance``) its defaults. It measures
+what the target/post-processing pair alone loses, before any network.
 
     python tools/roundtrip.py --dataset_dir ../shared/data/cellseg-dev [--modalities .../modalities.csv]
 """

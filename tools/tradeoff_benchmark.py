@@ -131,7 +131,7 @@ class _Segmenter:
         image = self.preprocessing({"image": image_path})["image"]
         with torch.no_grad():
             output = self.inferer(torch.as_tensor(image)[None].to(self.device), self.network)[0]
-        label = self.postprocessing({"pred": output})["pred"]
+        label = self.postprocessing({"pred": output, "image": image})["pred"]
         label = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
         return label[0] if label.ndim == 3 else label
 

@@ -2,14 +2,15 @@
 
     python tools/tune_thresholds.py --dataset_dir VAL [--checkpoint model.pt] [--cell_thresholds "[0.2,0.3,0.4,0.5]"]
         [--seed_thresholds "[0.4,0.5,0.6,0.7,0.8]"] [--min_seed_sizes "[16,32]"] [--neck_depths "[0,1,1.5,2,3]"]
-        [--overrides "{...}"] [--max_objects_per_cell 1.5] [--modalities MODALITIES_CSV]
+        [--dark_field_neck_depths "[0.5,0.75,1]"] [--overrides "{...}"] [--max_objects_per_cell 1.5] [--modalities MODALITIES_CSV]
     python tools/tune_thresholds.py --bundle crossct --dataset_dir VAL [--checkpoint model.pt]
         [--interior_thresholds "[0.4,0.5,0.6,0.65,0.7]"] [--expand_pxs "[0,1,2,3]"] [--overrides "{...}"]
 
 The network runs once per image with the bundle's own ``configs/inference.yaml`` (preprocessing, inferer, weights;
 ``--overrides`` changes any of its settings, e.g. CrossCT's ``network_output``); then every combination of the
 bundle's settings is applied to the stored maps and scored with the challenge F1. MT²: ``cell_threshold``,
-``seed_threshold``, ``min_seed_size`` and ``neck_depth`` of its watershed; CrossCT: ``interior_threshold`` and
+``seed_threshold``, ``min_seed_size``, ``neck_depth`` and ``dark_field_neck_depth`` (the neck depth of the images
+``common.intensity.is_dark_field`` calls dark-field; null: ``neck_depth`` for all) of its watershed; CrossCT: ``interior_threshold`` and
 ``expand_px`` of its interior components. Prints one JSON line per combination (mean F1 over the images, the mean
 and the largest ratio of objects found to cells, as the challenge counts them) and last the best one, ready for the
 inference config: the highest mean F1 among the combinations that give no image more than
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 from common.classical import otsu_distance_watershed
 from common.evaluation import group_by_modality, read_modalities
+from common.intensity import is_dark_field
 from common.io import label_path_for, list_images, read_image, read_label
 from common.metrics import challenge_counts, f1_from_counts
 from common.postprocess import interior_components, mt2_watershed
@@ -47,8 +49,9 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 class _Tuning(NamedTuple):
     """What tuning needs of a bundle: where it is, the maps its post-processing reads from the inferer's
-    (1, C, H, W) output, that post-processing as ``(maps, **setting) -> (H, W) instances``, and which settings
-    make sense."""
+    (1, C, H, W) output, that post-processing as ``(maps, dark_field, **setting) -> (H, W) instances``
+    (``dark_field``: whether the image is, :func:`common.intensity.is_dark_field`), and which settings make
+    sense."""
 
     bundle_dir: Path
     maps: Callable[[torch.Tensor], np.ndarray]
@@ -60,28 +63,37 @@ TUNINGS = {
     "mt2": _Tuning(
         BUNDLES / "mt2_cell_segmentation",
         lambda output: output[0, 3:5].float().cpu().numpy(),  # cell and boundary probabilities
-        lambda maps, **setting: mt2_watershed(*maps, **setting),
+        lambda maps, dark_field, neck_depth, dark_field_neck_depth, **setting: mt2_watershed(
+            *maps, neck_depth=neck_depth if dark_field_neck_depth is None or not dark_field else dark_field_neck_depth,
+            **setting,
+        ),
         # a seed threshold below the mask threshold makes seeds outside the mask
         lambda setting: setting["seed_threshold"] >= setting["cell_threshold"],
     ),
     "crossct": _Tuning(
         BUNDLES / "crossct_cell_segmentation",
         lambda output: torch.softmax(output[0, :3].float(), dim=0)[1].cpu().numpy(),  # interior probability
-        lambda interior, interior_threshold, expand_px: interior_components(interior, interior_threshold, expand_px=expand_px),
+        lambda interior, dark_field, interior_threshold, expand_px: interior_components(
+            interior, interior_threshold, expand_px=expand_px
+        ),
         lambda setting: True,
     ),
 }
 
 
 def _numbers(value) -> list[float | int]:
-    """A grid given as JSON text or a list: its numbers, integers kept as such (sizes print as 16, not 16.0)."""
+    """A grid given as JSON text or a list: its numbers, integers kept as such (sizes print as 16, not 16.0), and
+    null (None) where a setting may be off; fire passes ``[null,0.5]`` as ``["null", 0.5]``."""
     if isinstance(value, str):
         value = json.loads(value)
-    return [item if isinstance(item, int) else float(item) for item in value]
+    off = {"null", "none"}
+    return [None if item is None or str(item).lower() in off else item if isinstance(item, int) else float(item)
+            for item in value]
 
 
-def _network_maps(tuning: _Tuning, dataset_dir: Path, checkpoint: str | None, overrides: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, the maps ``tuning`` post-processes, label) for every labeled image of ``dataset_dir``."""
+def _network_maps(tuning: _Tuning, dataset_dir: Path, checkpoint: str | None, overrides: dict) -> list[tuple[str, np.ndarray, bool, np.ndarray]]:
+    """(name, the maps ``tuning`` post-processes, whether the image is dark-field, label) for every labeled
+    image of ``dataset_dir``."""
     parser = inference_config(tuning.bundle_dir, checkpoint, **overrides)
     device = parser.get_parsed_content("device")
     network = loaded_network(parser)
@@ -93,7 +105,7 @@ def _network_maps(tuning: _Tuning, dataset_dir: Path, checkpoint: str | None, ov
         image = preprocessing({"image": str(image_path)})["image"]
         with torch.no_grad():
             maps = tuning.maps(inferer(torch.as_tensor(image)[None].to(device), network))
-        results.append((image_path.stem, maps, label))
+        results.append((image_path.stem, maps, is_dark_field(image), label))
     return results
 
 
@@ -127,8 +139,10 @@ def tune(
     interior_thresholds="[0.4, 0.5, 0.6, 0.65, 0.7]",
     expand_pxs="[0, 1, 2, 3]",
     modalities: str | None = None,
+    dark_field_neck_depths="[0.5, 0.75, 1]",
 ) -> dict | None:
-    """Score every setting combination of ``bundle`` (mt2: the first four grids; crossct: the last two); print JSON
+    """Score every setting combination of ``bundle`` (mt2: the first four grids and ``dark_field_neck_depths``;
+    crossct: ``interior_thresholds`` and ``expand_pxs``); print JSON
     lines and return the best: the highest mean F1 among the combinations that give no image more than
     ``max_objects_per_cell`` objects per cell (None: no bound), or None when none does; with ``modalities`` (a
     ``name,modality`` CSV), among those that also reach the classical baseline's F1 on every modality, when any
@@ -137,18 +151,19 @@ def tune(
         raise SystemExit(f"tune_thresholds: --bundle must be one of {sorted(TUNINGS)}, not {bundle!r}")
     tuning = TUNINGS[bundle]
     grids = {
-        "mt2": dict(cell_threshold=cell_thresholds, seed_threshold=seed_thresholds, min_seed_size=min_seed_sizes, neck_depth=neck_depths),
+        "mt2": dict(cell_threshold=cell_thresholds, seed_threshold=seed_thresholds, min_seed_size=min_seed_sizes,
+                    neck_depth=neck_depths, dark_field_neck_depth=dark_field_neck_depths),
         "crossct": dict(interior_threshold=interior_thresholds, expand_px=expand_pxs),
     }[bundle]
     overrides = command_line_json(overrides)
     images = _network_maps(tuning, Path(dataset_dir), checkpoint, overrides)
     if not images:
         raise SystemExit(f"tune_thresholds: no labeled images in {dataset_dir}")
-    names = [name for name, _, _ in images]
+    names = [name for name, *_ in images]
     modality_of = read_modalities(modalities) if modalities else None
     floor = None
     if modality_of is not None:
-        floor = _per_modality(_baseline_f1s(Path(dataset_dir), {name: label for name, _, label in images}), modality_of)
+        floor = _per_modality(_baseline_f1s(Path(dataset_dir), {name: label for name, *_, label in images}), modality_of)
         print(json.dumps({"classical_per_modality_f1": floor}), flush=True)
     best = best_above_floor = None
     for values in itertools.product(*(_numbers(grid) for grid in grids.values())):
@@ -156,8 +171,8 @@ def tune(
         if not tuning.valid(setting):
             continue
         f1s, ratios = [], []
-        for _, maps, label in images:
-            counts = challenge_counts(label, tuning.instances(maps, **setting))
+        for _, maps, dark_field, label in images:
+            counts = challenge_counts(label, tuning.instances(maps, dark_field, **setting))
             f1s.append(f1_from_counts(counts))
             # objects per cell as the challenge counts them (after its border rule), as the model cards report
             ratios.append((counts.tp + counts.fp) / max(1, counts.tp + counts.fn))
