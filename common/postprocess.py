@@ -29,6 +29,7 @@ from common.intensity import is_dark_field
 __all__ = [
     "mt2_watershed",
     "split_at_necks",
+    "neck_depth_for",
     "interior_components",
     "distance_watershed",
     "MT2Watershedd",
@@ -112,6 +113,12 @@ def split_at_necks(seeds: np.ndarray, depth: float, sigma: float = 1.0) -> np.nd
     markers[unmarked] = count + _sequential_int32(np.where(unmarked, seeds, 0))[unmarked]
     # 4-connected flooding never crosses between regions that do not touch
     return _sequential_int32(watershed(-distance, markers=markers, mask=inside))
+
+
+def neck_depth_for(dark_field: bool, neck_depth: float, dark_field_neck_depth: float | None) -> float:
+    """The depth MT² cuts an image's seeds at: ``dark_field_neck_depth`` on a dark-field image
+    (:func:`common.intensity.is_dark_field`) when it is set, ``neck_depth`` otherwise."""
+    return dark_field_neck_depth if dark_field and dark_field_neck_depth is not None else neck_depth
 
 
 def mt2_watershed(
@@ -289,7 +296,7 @@ class MT2Watershedd(_ChannelPostprocessd):
                 f"MT2Watershedd with dark_field_neck_depth reads the normalized image under '{self.image_key}', which "
                 f"the dictionary lacks (keys: {sorted(map(str, data))}); pass it, or set dark_field_neck_depth to None"
             )
-        return self.dark_field_neck_depth if is_dark_field(data[self.image_key]) else self.neck_depth
+        return neck_depth_for(is_dark_field(data[self.image_key]), self.neck_depth, self.dark_field_neck_depth)
 
     def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
         cell, boundary = (prediction[c] for c in self.channels)

@@ -41,7 +41,7 @@ from common.evaluation import group_by_modality, read_modalities
 from common.intensity import is_dark_field
 from common.io import label_path_for, list_images, read_image, read_label
 from common.metrics import challenge_counts, f1_from_counts
-from common.postprocess import interior_components, mt2_watershed
+from common.postprocess import interior_components, mt2_watershed, neck_depth_for
 from common.workflows import command_line_json, inference_config, loaded_network
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -64,8 +64,7 @@ TUNINGS = {
         BUNDLES / "mt2_cell_segmentation",
         lambda output: output[0, 3:5].float().cpu().numpy(),  # cell and boundary probabilities
         lambda maps, dark_field, neck_depth, dark_field_neck_depth, **setting: mt2_watershed(
-            *maps, neck_depth=neck_depth if dark_field_neck_depth is None or not dark_field else dark_field_neck_depth,
-            **setting,
+            *maps, neck_depth=neck_depth_for(dark_field, neck_depth, dark_field_neck_depth), **setting
         ),
         # a seed threshold below the mask threshold makes seeds outside the mask
         lambda setting: setting["seed_threshold"] >= setting["cell_threshold"],
