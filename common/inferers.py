@@ -199,7 +199,8 @@ class MultiScaleInferer(Inferer):
         return fused
 
     def _predictor(self, network: Callable[..., torch.Tensor], device: torch.device, *args, **kwargs):
-        network = in_precision(flip_averaged(network) if self.flips else network, autocast_dtype(self.amp, device))
+        network = in_precision(network, autocast_dtype(self.amp, device))
+        network = flip_averaged(network) if self.flips else network
 
         def predict(windows: torch.Tensor) -> torch.Tensor:
             return network(windows, *args, **kwargs)

@@ -5,7 +5,10 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
+from skimage.filters import gaussian
+from skimage.morphology import reconstruction
 
+from common.io import read_label
 from common.postprocess import (
     DistanceWatershedd,
     InteriorComponentsd,
@@ -15,6 +18,7 @@ from common.postprocess import (
     mt2_watershed,
     split_at_necks,
 )
+from common.postprocess import _h_levelled
 
 
 def disc(shape, centre, radius):
@@ -91,6 +95,34 @@ def test_split_at_necks_cuts_a_dumbbell_between_its_lobes_and_keeps_round_and_th
     # depth 0 is the identity (relabelled), and a neck shallower than the depth is not cut
     assert np.array_equal(split_at_necks(seeds, depth=0) > 0, seeds > 0) and split_at_necks(seeds, depth=0).max() == 3
     assert split_at_necks(seeds, depth=15.0).max() == 3
+
+
+def _smoothed_distance(inside):
+    return gaussian(ndi.distance_transform_edt(inside), sigma=1.0, preserve_range=True)
+
+
+@pytest.mark.parametrize("depth", [0.75, 2.0, 3.0, 50.0])
+def test_the_island_by_island_h_levelling_is_the_whole_image_reconstruction(dev_dir, depth):
+    # seeds as split_at_necks gets them: every real cell shrunk by 2 px, so neighbours become separate islands,
+    # many of them lower than the depth; plus islands cut by the image border and one thinner than any depth
+    label = read_label(dev_dir / "labels" / "dsb_f4c4db3df4ff_label.tiff")
+    inside = ndi.binary_erosion(label > 0, iterations=2)
+    inside[:5, :40] = True
+    inside[-1, -30:] = True
+    distance = _smoothed_distance(inside)
+    expected = reconstruction(distance - depth, distance, method="dilation")
+    assert np.array_equal(_h_levelled(distance, depth), expected)
+
+
+def test_the_island_by_island_h_levelling_on_generated_islands_with_known_tops():
+    inside = disc((60, 90), (30, 25), 12) | disc((60, 90), (30, 70), 4)
+    distance = ndi.distance_transform_edt(inside)
+    levelled = _h_levelled(distance, depth=3.0)
+    assert np.array_equal(levelled, reconstruction(distance - 3.0, distance, method="dilation"))
+    # each disc's top is cut 3 px down and stays a dome of its own; between them everything is at level 0
+    assert levelled[30, 25] == distance.max() - 3.0 and distance[30, 25] == distance.max()
+    assert levelled[30, 70] == distance[30, 70] - 3.0 > 0
+    assert levelled[0, 0] == 0.0 and levelled[30, 47] == 0.0
 
 
 def test_mt2_watershed_neck_depth_splits_touching_cells_the_boundary_head_missed():

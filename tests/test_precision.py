@@ -135,3 +135,37 @@ def test_a_bfloat16_step_computes_its_losses_in_float32(dev_dir):
     assert calls == [(False, torch.float32, torch.float32)] * 2, calls
     network_output = trainer.state.output[0]["pred"]
     assert network_output.dtype == torch.bfloat16  # the forward pass itself did run in reduced precision
+
+
+class _RecordsWeightDtype(torch.nn.Module):
+    """A 1x1 convolution that records the dtype of the weight and input it ran with, in a class attribute
+    that copies of it share."""
+
+    seen = []
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        self.seen.append((self.conv.weight.dtype, x.dtype))
+        return self.conv(x)
+
+
+def test_bfloat16_inference_runs_on_bfloat16_weights_and_leaves_the_module_in_float32():
+    network = _RecordsWeightDtype().eval()
+    network.seen.clear()
+    image = torch.rand(1, 3, 16, 16)
+    window = SlidingWindowInferer(roi_size=(8, 8), sw_batch_size=2)
+    with torch.no_grad():
+        outputs = AutocastInferer(window, amp=True)(image, network)
+    assert outputs.dtype == torch.float32
+    assert set(network.seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(parameter.dtype == torch.float32 for parameter in network.parameters())
+    with torch.no_grad():
+        expected = network.conv(image)
+    assert torch.allclose(outputs, expected, atol=0.05)
+    # with gradients on (a network being trained), it runs under autocast on its float32 weights
+    network.seen.clear()
+    AutocastInferer(window, amp=True)(image, network)
+    assert {weight for weight, _ in network.seen} == {torch.float32}
