@@ -214,7 +214,11 @@ def best_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("bundle", ["mt2_cell_segmentation", "crossct_cell_segmentation"])
 def test_whole_slide_and_plain_mode_agree_across_many_seams(bundle, label_mosaic, tmp_path):
     path, truth = label_mosaic
-    parser = bundle_config(bundle, output_dir=str(tmp_path), whole_slide=True, tile_size=TILE, tile_halo=HALO)
+    # float32: in bfloat16 the stand-in's pooled maps and logits would be rounded to 8 bits, noise this test
+    # does not measure (a real network's bfloat16 outputs: tests/test_precision.py)
+    parser = bundle_config(
+        bundle, output_dir=str(tmp_path), whole_slide=True, tile_size=TILE, tile_halo=HALO, amp=False
+    )
     names = ("preprocessing", "inferer", "instance_postprocessing", "whole_slide_segmenter")
     preprocessing, inferer, postprocessing, segmenter = (parser.get_parsed_content(name) for name in names)
     network = MapsAsLogits()
