@@ -12,17 +12,26 @@ import numpy as np
 from common.evaluation import ImageScore
 from common.io import read_label
 from common.metrics import challenge_counts
-from common.postprocess import distance_watershed, interior_components, mt2_watershed
+from common.postprocess import distance_watershed, interior_components, mt2_watershed, neck_depth_for
 from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map, three_class_map
 
 __all__ = ["ROUND_TRIPS", "mt2_roundtrip", "crossct_roundtrip", "crossct_distance_roundtrip", "roundtrip_scores"]
 
 
-def mt2_roundtrip(label: np.ndarray, **watershed_settings) -> np.ndarray:
+def mt2_roundtrip(
+    label: np.ndarray,
+    neck_depth: float = 0.0,
+    dark_field_neck_depth: float | None = None,
+    dark_field: bool = False,
+    **watershed_settings,
+) -> np.ndarray:
     """MT² cell and boundary heat-maps -> MT² watershed (``watershed_settings`` passed to
-    :func:`common.postprocess.mt2_watershed`); (H, W) int32 instances."""
+    :func:`common.postprocess.mt2_watershed`), its seeds split at ``dark_field_neck_depth`` when ``dark_field``
+    (the label's image is dark-field) and that is set, else at ``neck_depth``, as ``MT2Watershedd`` does;
+    (H, W) int32 instances."""
     cell, boundary = mt2_heatmaps(label)
-    return mt2_watershed(cell, boundary, **watershed_settings)
+    depth = neck_depth_for(dark_field, neck_depth, dark_field_neck_depth)
+    return mt2_watershed(cell, boundary, neck_depth=depth, **watershed_settings)
 
 
 def crossct_roundtrip(label: np.ndarray, interior_threshold: float = 0.5, expand_px: float = 0) -> np.ndarray:
@@ -45,12 +54,21 @@ ROUND_TRIPS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def roundtrip_scores(label_files: Iterable[str | Path], method: str, **watershed_settings) -> list[ImageScore]:
-    """Challenge counts of ``ROUND_TRIPS[method]`` (with ``watershed_settings``) on each ``<name>_label.tiff``."""
+def roundtrip_scores(
+    label_files: Iterable[str | Path],
+    method: str,
+    dark_field_of: Callable[[str], bool] | None = None,
+    **watershed_settings,
+) -> list[ImageScore]:
+    """Challenge counts of ``ROUND_TRIPS[method]`` (with ``watershed_settings``) on each ``<name>_label.tiff``.
+
+    ``dark_field_of(name)`` tells the MT² round trip whether the label's image is dark-field (labels alone cannot
+    say); without it every image is taken as not dark-field. The other round trips ignore it."""
     convert = partial(ROUND_TRIPS[method], **watershed_settings)
     scores = []
     for path in label_files:
         label = read_label(path)
         name = Path(path).name.removesuffix("_label.tiff")
-        scores.append(ImageScore(name, challenge_counts(label, convert(label))))
+        image_settings = {"dark_field": dark_field_of(name)} if method == "mt2" and dark_field_of else {}
+        scores.append(ImageScore(name, challenge_counts(label, convert(label, **image_settings))))
     return scores

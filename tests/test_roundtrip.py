@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+import bundle_runs as runs
 from common.roundtrip import roundtrip_scores
 from common.workflows import config_values
+
+roundtrip_tool = runs.tool_module("roundtrip")
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 MT2_INFERENCE = BUNDLES / "mt2_cell_segmentation" / "configs" / "inference.yaml"
@@ -33,3 +36,23 @@ def test_targets_then_postprocessing_give_back_the_labels(method, settings, dev_
     assert statistics.fmean(f1s) >= 0.90, summary
     # no modality is left behind: each keeps most of its cells
     assert min(summary.values()) >= 0.75, summary
+
+
+def test_the_mt2_round_trip_splits_dark_field_images_at_their_own_depth(dev_dir, dev_pairs, dev_modalities):
+    labels = [label for _, label in dev_pairs]
+    names = [Path(label).name.removesuffix("_label.tiff") for label in labels]
+    dark = roundtrip_tool.dark_fields(dev_dir, names)
+    # the tool reads each label's image as MT² preprocesses it: exactly the fluorescence images are dark-field
+    assert {name for name in names if dark[name]} == {name for name in names if dev_modalities[name].startswith("fluorescence")}
+    settings = config_values(MT2_INFERENCE, ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth"))
+    deep = roundtrip_scores(labels, "mt2", dark_field_of=dark.get, dark_field_neck_depth=settings["neck_depth"], **settings)
+    shallow = roundtrip_scores(labels, "mt2", dark_field_of=dark.get, dark_field_neck_depth=0.25, **settings)
+    changed = {a.name for a, b in zip(deep, shallow) if a.counts != b.counts}
+    assert changed and all(dark[name] for name in changed)  # a shallower dark-field depth moves dark images only
+    assert statistics.fmean(score.counts.f1 for score in shallow) < statistics.fmean(score.counts.f1 for score in deep)
+
+
+def test_the_round_trip_tool_names_a_label_without_its_image(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"1 labels have no image in .*images \(e.g. lonely\)"):
+        roundtrip_tool.dark_fields(tmp_path, ["lonely"])

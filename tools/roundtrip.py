@@ -1,9 +1,9 @@
 """Round trip of every labeled image: label -> training targets -> post-processing -> instances, scored
 against the label with the challenge F1. The MT² watershed and the CrossCT interior components use the settings of
-their bundle's inference config (what ships), except that MT²'s seeds are split at ``neck_depth`` on every image
-(the round trip reads labels, not images, so it cannot tell a dark-field image, which the bundle splits at
-``dark_field_neck_depth``); CrossCT's distance-map watershed (``postprocess: distance``) its defaults. It measures
-what the target/post-processing pair alone loses, before any network.
+their bundle's inference config (what ships): MT²'s seeds are split at ``dark_field_neck_depth`` where the label's
+image (``images/<name>.*``, after MT²'s preprocessing) is dark-field and at ``neck_depth`` elsewhere, as the bundle
+does; CrossCT's distance-map watershed (``postprocess: distance``) its defaults. It measures what the
+target/post-processing pair alone loses, before any network.
 
     python tools/roundtrip.py --dataset_dir ../shared/data/cellseg-dev [--modalities .../modalities.csv]
 """
@@ -16,14 +16,36 @@ import fire
 from tqdm import tqdm
 
 from common.evaluation import read_modalities, summarize_scores
+from common.intensity import is_dark_field
+from common.io import list_images
 from common.roundtrip import roundtrip_scores
-from common.workflows import config_values
+from common.workflows import config_values, inference_config
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SHIPPED_SETTINGS = {
-    "mt2": (BUNDLES / "mt2_cell_segmentation", ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth")),
+    "mt2": (
+        BUNDLES / "mt2_cell_segmentation",
+        ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth", "dark_field_neck_depth"),
+    ),
     "crossct": (BUNDLES / "crossct_cell_segmentation", ("interior_threshold", "expand_px")),
 }
+
+
+def dark_fields(dataset_dir: str | Path, names: list[str]) -> dict[str, bool]:
+    """Whether each named label's image is dark-field after MT²'s preprocessing (``common.intensity.is_dark_field``).
+
+    Raises:
+        FileNotFoundError: a label has no image in ``dataset_dir/images``: MT²'s neck depth depends on it.
+    """
+    images = {path.stem: path for path in list_images(Path(dataset_dir, "images"))}
+    missing = [name for name in names if name not in images]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} labels have no image in {Path(dataset_dir, 'images')} (e.g. {missing[0]}): the MT² "
+            "round trip reads each image to tell a dark-field one, whose seeds the bundle splits at its own depth"
+        )
+    preprocessing = inference_config(SHIPPED_SETTINGS["mt2"][0]).get_parsed_content("preprocessing")
+    return {name: is_dark_field(preprocessing({"image": str(images[name])})["image"]) for name in tqdm(names, desc="dark field")}
 
 
 def roundtrip(dataset_dir: str, modalities: str | None = None) -> None:
@@ -31,8 +53,9 @@ def roundtrip(dataset_dir: str, modalities: str | None = None) -> None:
     labels = sorted(Path(dataset_dir, "labels").glob("*_label.tiff"))
     modality_of = read_modalities(modalities) if modalities else None
     shipped = {method: config_values(root / "configs" / "inference.yaml", names) for method, (root, names) in SHIPPED_SETTINGS.items()}
+    dark = dark_fields(dataset_dir, [path.name.removesuffix("_label.tiff") for path in labels])
     for method, settings in (*shipped.items(), ("crossct_distance", {})):
-        scores = roundtrip_scores(tqdm(labels, desc=method), method, **settings)
+        scores = roundtrip_scores(tqdm(labels, desc=method), method, dark_field_of=dark.get, **settings)
         print(f"{method} {settings or '(defaults)'}:")
         print("\n".join("  " + line for line in summarize_scores(scores, modality_of)))
 
