@@ -84,7 +84,7 @@ def _seeded_watershed(relief: np.ndarray, seeds: np.ndarray, mask: np.ndarray) -
 def _h_levelled(distance: np.ndarray, depth: float) -> np.ndarray:
     """``reconstruction(distance - depth, distance, method="dilation")`` for a non-negative ``distance`` that is
     zero between its islands, computed island by island: the same array, without sorting every pixel of the
-    image (a 1 Mpx field took 1.1 s whole, 0.07 s island by island).
+    image (1.1 s against 0.07 s for a 1 Mpx map of 265 seeds).
 
     Between islands the mask is 0, so all that crosses from one island to another is ``min(0, highest marker)``:
     each island is reconstructed alone inside a 1-px frame of zeros and raised to that level, which is also the
