@@ -185,13 +185,16 @@ def interior_components(
     min_size: int = 16,
     max_hole_size: int = 64,
     expand_px: int = 0,
+    neck_depth: float = 0.0,
 ) -> np.ndarray:
     """The organizers' baseline post-processing, used by CrossCT.
 
     ``interior_prob > threshold``, holes smaller than ``max_hole_size`` px filled, objects smaller than
     ``min_size`` px removed, then 8-connected components. The boundary class is left out of the mask, so
     instances are thinner than the cells; ``expand_px`` > 0 grows each instance by that many pixels into the
-    background (never into a neighbour) to give the boundary band back — 0 reproduces the baseline.
+    background (never into a neighbour) to give the boundary band back — 0 reproduces the baseline. With
+    ``neck_depth`` > 0 the components are first split where they narrow (:func:`split_at_necks`): where the
+    boundary class misses the contact between two touching cells their interiors merge through a neck.
 
     Args:
         interior_prob: (H, W) probability of the interior class, float.
@@ -200,6 +203,7 @@ def interior_components(
         max_hole_size: holes (4-connected background regions) smaller than this are filled, as
             ``skimage.morphology.remove_small_holes`` with its default 64.
         expand_px: pixels by which instances grow after labelling.
+        neck_depth: depth (px of distance) of the necks at which components are split; 0 splits none.
 
     Returns:
         (H, W) int32 instance labels, 0 = background, ids 1..n.
@@ -212,6 +216,8 @@ def interior_components(
     mask |= small_hole[background]
     labels, _ = ndi.label(mask, structure=_FULL_CONNECTIVITY)
     labels = _drop_small_labels(labels.astype(np.int32, copy=False), min_size)
+    if neck_depth > 0:
+        labels = split_at_necks(labels, neck_depth)
     if expand_px > 0:
         labels = expand_labels(labels, distance=expand_px)
     return _sequential_int32(labels)
@@ -275,7 +281,27 @@ class _ChannelPostprocessd(MapTransform):
         return d
 
 
-class MT2Watershedd(_ChannelPostprocessd):
+class _NecksByImage:
+    """The neck depth for one dictionary: ``dark_field_neck_depth`` when it is set and the normalized (C, H, W)
+    image under ``image_key`` is dark-field (:func:`common.intensity.is_dark_field`), else ``neck_depth``."""
+
+    neck_depth: float
+    dark_field_neck_depth: float | None
+    image_key: str
+
+    def _neck_depth(self, data: Mapping[Hashable, object]) -> float:
+        if self.dark_field_neck_depth is None:
+            return self.neck_depth
+        if self.image_key not in data:
+            raise KeyError(
+                f"{type(self).__name__} with dark_field_neck_depth reads the normalized image under "
+                f"'{self.image_key}', which the dictionary lacks (keys: {sorted(map(str, data))}); pass it, or set "
+                "dark_field_neck_depth to None"
+            )
+        return neck_depth_for(is_dark_field(data[self.image_key]), self.neck_depth, self.dark_field_neck_depth)
+
+
+class MT2Watershedd(_NecksByImage, _ChannelPostprocessd):
     """Dictionary wrapper of :func:`mt2_watershed` for an MT² prediction (C, H, W) holding the cell and
     boundary probabilities at ``cell_channel`` and ``boundary_channel`` (logits when ``sigmoid`` is True).
 
@@ -308,16 +334,6 @@ class MT2Watershedd(_ChannelPostprocessd):
         self.dark_field_neck_depth = dark_field_neck_depth
         self.image_key = image_key
 
-    def _neck_depth(self, data: Mapping[Hashable, object]) -> float:
-        if self.dark_field_neck_depth is None:
-            return self.neck_depth
-        if self.image_key not in data:
-            raise KeyError(
-                f"MT2Watershedd with dark_field_neck_depth reads the normalized image under '{self.image_key}', which "
-                f"the dictionary lacks (keys: {sorted(map(str, data))}); pass it, or set dark_field_neck_depth to None"
-            )
-        return neck_depth_for(is_dark_field(data[self.image_key]), self.neck_depth, self.dark_field_neck_depth)
-
     def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
         cell, boundary = (prediction[c] for c in self.channels)
         if self.sigmoid:
@@ -325,9 +341,14 @@ class MT2Watershedd(_ChannelPostprocessd):
         return mt2_watershed(cell, boundary, **self.params, neck_depth=self._neck_depth(data))
 
 
-class InteriorComponentsd(_ChannelPostprocessd):
+class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
     """Dictionary wrapper of :func:`interior_components` for a 3-class prediction (C, H, W) whose channels
-    ``class_channels`` are [background, interior, boundary] (logits when ``softmax`` is True)."""
+    ``class_channels`` are [background, interior, boundary] (logits when ``softmax`` is True).
+
+    Components are split at necks of ``neck_depth`` px (0: none, the organizers'), or of
+    ``dark_field_neck_depth`` on images that :func:`common.intensity.is_dark_field` calls dark-field when that is
+    set; the normalized (C, H, W) image is then read from ``image_key`` of the same dictionary.
+    """
 
     def __init__(
         self,
@@ -338,6 +359,9 @@ class InteriorComponentsd(_ChannelPostprocessd):
         min_size: int = 16,
         max_hole_size: int = 64,
         expand_px: int = 0,
+        neck_depth: float = 0.0,
+        dark_field_neck_depth: float | None = None,
+        image_key: str = "image",
         output_key: str | None = None,
         allow_missing_keys: bool = False,
     ):
@@ -345,13 +369,16 @@ class InteriorComponentsd(_ChannelPostprocessd):
         self.class_channels = list(class_channels)
         self.softmax = softmax
         self.params = dict(threshold=threshold, min_size=min_size, max_hole_size=max_hole_size, expand_px=expand_px)
+        self.neck_depth = neck_depth
+        self.dark_field_neck_depth = dark_field_neck_depth
+        self.image_key = image_key
 
     def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
         classes = prediction[self.class_channels]
         if self.softmax:
             classes = np.exp(classes - classes.max(axis=0, keepdims=True))
             classes /= classes.sum(axis=0, keepdims=True)
-        return interior_components(classes[1], **self.params)
+        return interior_components(classes[1], **self.params, neck_depth=self._neck_depth(data))
 
 
 class DistanceWatershedd(_ChannelPostprocessd):

@@ -34,11 +34,19 @@ def mt2_roundtrip(
     return mt2_watershed(cell, boundary, neck_depth=depth, **watershed_settings)
 
 
-def crossct_roundtrip(label: np.ndarray, interior_threshold: float = 0.5, expand_px: float = 0) -> np.ndarray:
+def crossct_roundtrip(
+    label: np.ndarray,
+    interior_threshold: float = 0.5,
+    expand_px: float = 0,
+    dark_field_neck_depth: float | None = None,
+    dark_field: bool = False,
+) -> np.ndarray:
     """CrossCT 3-class map -> its interior class as a probability -> interior components (CrossCT's shipped
-    post-processing, with its inference config's names for the settings); (H, W) int32 instances."""
+    post-processing, with its inference config's names for the settings), split at ``dark_field_neck_depth`` when
+    ``dark_field`` and that is set, as ``InteriorComponentsd`` does; (H, W) int32 instances."""
     interior = (three_class_map(label) == 1).astype(np.float32)
-    return interior_components(interior, threshold=interior_threshold, expand_px=expand_px)
+    neck_depth = neck_depth_for(dark_field, 0.0, dark_field_neck_depth)
+    return interior_components(interior, threshold=interior_threshold, expand_px=expand_px, neck_depth=neck_depth)
 
 
 def crossct_distance_roundtrip(label: np.ndarray, **watershed_settings) -> np.ndarray:
@@ -46,6 +54,8 @@ def crossct_distance_roundtrip(label: np.ndarray, **watershed_settings) -> np.nd
     :func:`common.postprocess.distance_watershed`); (H, W) int32 instances."""
     return distance_watershed(cell_distance_map(label), neighbor_distance_map(label), **watershed_settings)
 
+
+_READ_DARK_FIELD = ("mt2", "crossct")  # the round trips whose post-processing depends on the image
 
 ROUND_TRIPS: dict[str, Callable[..., np.ndarray]] = {
     "mt2": mt2_roundtrip,
@@ -62,13 +72,14 @@ def roundtrip_scores(
 ) -> list[ImageScore]:
     """Challenge counts of ``ROUND_TRIPS[method]`` (with ``watershed_settings``) on each ``<name>_label.tiff``.
 
-    ``dark_field_of(name)`` tells the MT² round trip whether the label's image is dark-field (labels alone cannot
-    say); without it every image is taken as not dark-field. The other round trips ignore it."""
+    ``dark_field_of(name)`` tells the MT² and CrossCT interior round trips whether the label's image is dark-field
+    (labels alone cannot say); without it every image is taken as not dark-field. The distance round trip ignores
+    it."""
     convert = partial(ROUND_TRIPS[method], **watershed_settings)
     scores = []
     for path in label_files:
         label = read_label(path)
         name = Path(path).name.removesuffix("_label.tiff")
-        image_settings = {"dark_field": dark_field_of(name)} if method == "mt2" and dark_field_of else {}
+        image_settings = {"dark_field": dark_field_of(name)} if method in _READ_DARK_FIELD and dark_field_of else {}
         scores.append(ImageScore(name, challenge_counts(label, convert(label, **image_settings))))
     return scores

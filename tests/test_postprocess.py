@@ -251,3 +251,27 @@ def test_dark_field_images_are_split_at_their_own_neck_depth():
     assert renamed["pred"].max() == 2
     with pytest.raises(KeyError, match="normalized image under 'image'"):
         MT2Watershedd(**settings, dark_field_neck_depth=0.75)({"pred": logits})
+
+
+def test_interior_components_of_dark_field_images_are_split_at_their_own_neck_depth():
+    """The same two nuclei as an interior class whose boundary band is missing between them: one component,
+    which a neck depth of 0.5 cuts in two on a dark-field image only; then each grows back by expand_px."""
+    shape = (40, 60)
+    nuclei = disc(shape, (20, 24), 8) | disc(shape, (20, 36), 8)
+    logits = torch.full((3, *shape), -10.0)
+    logits[1][torch.from_numpy(nuclei)] = 10.0  # interior; no boundary class between the two
+    dark_image = torch.from_numpy(np.stack([nuclei.astype(np.float32)] * 3))
+    bright_image = 1.0 - dark_image
+    settings = dict(keys="pred", softmax=True, threshold=0.65, expand_px=2)
+
+    def labels(image, **more):
+        return np.asarray(InteriorComponentsd(**settings, **more)({"pred": logits, "image": image})["pred"][0])
+
+    assert labels(dark_image).max() == labels(bright_image).max() == 1  # none split: the organizers'
+    split = labels(dark_image, dark_field_neck_depth=0.5)
+    assert split.max() == 2 and split[20, 20] != split[20, 40]
+    assert np.array_equal(split > 0, labels(dark_image) > 0)  # the split loses no pixel, and both grew back
+    assert labels(bright_image, dark_field_neck_depth=0.5).max() == 1
+    assert labels(bright_image, neck_depth=0.5).max() == 2  # neck_depth: every image
+    with pytest.raises(KeyError, match="InteriorComponentsd with dark_field_neck_depth reads .* under 'image'"):
+        InteriorComponentsd(**settings, dark_field_neck_depth=0.5)({"pred": logits})

@@ -38,15 +38,21 @@ def test_targets_then_postprocessing_give_back_the_labels(method, settings, dev_
     assert min(summary.values()) >= 0.75, summary
 
 
-def test_the_mt2_round_trip_splits_dark_field_images_at_their_own_depth(dev_dir, dev_pairs, dev_modalities):
+@pytest.mark.parametrize(
+    "method, settings, deep_depth",
+    [
+        ("mt2", config_values(MT2_INFERENCE, ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth")), 2.0),
+        ("crossct", config_values(CROSSCT_INFERENCE, ("interior_threshold", "expand_px")), 10.0),
+    ],
+)
+def test_the_round_trips_split_dark_field_images_at_their_own_depth(method, settings, deep_depth, dev_dir, dev_pairs, dev_modalities):
     labels = [label for _, label in dev_pairs]
     names = [Path(label).name.removesuffix("_label.tiff") for label in labels]
     dark = roundtrip_tool.dark_fields(dev_dir, names)
     # the tool reads each label's image as MT² preprocesses it: exactly the fluorescence images are dark-field
     assert {name for name in names if dark[name]} == {name for name in names if dev_modalities[name].startswith("fluorescence")}
-    settings = config_values(MT2_INFERENCE, ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth"))
-    deep = roundtrip_scores(labels, "mt2", dark_field_of=dark.get, dark_field_neck_depth=settings["neck_depth"], **settings)
-    shallow = roundtrip_scores(labels, "mt2", dark_field_of=dark.get, dark_field_neck_depth=0.25, **settings)
+    deep = roundtrip_scores(labels, method, dark_field_of=dark.get, dark_field_neck_depth=deep_depth, **settings)
+    shallow = roundtrip_scores(labels, method, dark_field_of=dark.get, dark_field_neck_depth=0.25, **settings)
     changed = {a.name for a, b in zip(deep, shallow) if a.counts != b.counts}
     assert changed and all(dark[name] for name in changed)  # a shallower dark-field depth moves dark images only
     assert statistics.fmean(score.counts.f1 for score in shallow) < statistics.fmean(score.counts.f1 for score in deep)

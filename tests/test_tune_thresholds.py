@@ -99,18 +99,20 @@ def test_with_modalities_the_best_reaches_the_classical_baseline_on_every_modali
     assert lines[-1] == {"best": best}
 
 
-def test_crossct_grid_is_its_interior_threshold_and_expansion(tmp_path, dev_dir, capsys):
+def test_crossct_grid_is_its_interior_threshold_expansion_and_dark_field_neck_depth(tmp_path, dev_dir, capsys):
     val = _validation_folder(tmp_path, dev_dir)
     torch.manual_seed(0)
     pair = inference_config(tool.TUNINGS["crossct"].bundle_dir, None, **CROSSCT).get_parsed_content("network_def")
     torch.save(pair.state_dict(), tmp_path / "model.pt")
     best = tool.tune(
         str(val), str(tmp_path / "model.pt"), overrides=json.dumps(CROSSCT), max_objects_per_cell=None,
-        bundle="crossct", interior_thresholds="[0.3, 0.5]", expand_pxs="[0, 2]",
+        bundle="crossct", interior_thresholds="[0.3, 0.5]", expand_pxs="[0, 2]", dark_field_neck_depths="[null, 0.5]",
     )
     lines = _printed_lines(capsys)
     combos = [line for line in lines if "best" not in line]
-    assert [(c["interior_threshold"], c["expand_px"]) for c in combos] == [(0.3, 0), (0.3, 2), (0.5, 0), (0.5, 2)]
+    assert [(c["interior_threshold"], c["expand_px"], c["dark_field_neck_depth"]) for c in combos] == [
+        (t, e, d) for t in (0.3, 0.5) for e in (0, 2) for d in (None, 0.5)
+    ]
     for line in combos:
         assert line["mean_f1"] == pytest.approx(sum(line["per_image_f1"].values()) / len(IMAGES), abs=1e-4)
     assert best == max(combos, key=lambda line: line["mean_f1"])

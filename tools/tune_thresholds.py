@@ -4,14 +4,16 @@
         [--seed_thresholds "[0.4,0.5,0.6,0.7,0.8]"] [--min_seed_sizes "[16,32]"] [--neck_depths "[0,1,1.5,2,3]"]
         [--dark_field_neck_depths "[0.5,0.75,1]"] [--overrides "{...}"] [--max_objects_per_cell 1.5] [--modalities MODALITIES_CSV]
     python tools/tune_thresholds.py --bundle crossct --dataset_dir VAL [--checkpoint model.pt]
-        [--interior_thresholds "[0.4,0.5,0.6,0.65,0.7]"] [--expand_pxs "[0,1,2,3]"] [--overrides "{...}"]
+        [--interior_thresholds "[0.4,0.5,0.6,0.65,0.7]"] [--expand_pxs "[0,1,2,3]"] [--dark_field_neck_depths "[null,0.5]"]
+        [--overrides "{...}"]
 
 The network runs once per image with the bundle's own ``configs/inference.yaml`` (preprocessing, inferer, weights;
 ``--overrides`` changes any of its settings, e.g. CrossCT's ``network_output``); then every combination of the
 bundle's settings is applied to the stored maps and scored with the challenge F1. MT²: ``cell_threshold``,
 ``seed_threshold``, ``min_seed_size``, ``neck_depth`` and ``dark_field_neck_depth`` (the neck depth of the images
-``common.intensity.is_dark_field`` calls dark-field; null: ``neck_depth`` for all) of its watershed; CrossCT: ``interior_threshold`` and
-``expand_px`` of its interior components. Prints one JSON line per combination (mean F1 over the images, the mean
+``common.intensity.is_dark_field`` calls dark-field; null: ``neck_depth`` for all) of its watershed; CrossCT: ``interior_threshold``,
+``expand_px`` and ``dark_field_neck_depth`` (the depth at which the interior components of dark-field images are
+split; null: none split) of its interior components. Prints one JSON line per combination (mean F1 over the images, the mean
 and the largest ratio of objects found to cells, as the challenge counts them) and last the best one, ready for the
 inference config: the highest mean F1 among the combinations that give no image more than
 ``--max_objects_per_cell`` (1.5) objects per cell. ``VAL`` holds ``images/`` and ``labels/``.
@@ -72,8 +74,9 @@ TUNINGS = {
     "crossct": _Tuning(
         BUNDLES / "crossct_cell_segmentation",
         lambda output: torch.softmax(output[0, :3].float(), dim=0)[1].cpu().numpy(),  # interior probability
-        lambda interior, dark_field, interior_threshold, expand_px: interior_components(
-            interior, interior_threshold, expand_px=expand_px
+        lambda interior, dark_field, interior_threshold, expand_px, dark_field_neck_depth: interior_components(
+            interior, interior_threshold, expand_px=expand_px,
+            neck_depth=neck_depth_for(dark_field, 0.0, dark_field_neck_depth),
         ),
         lambda setting: True,
     ),
@@ -141,7 +144,7 @@ def tune(
     dark_field_neck_depths="[0.5, 0.75, 1]",
 ) -> dict | None:
     """Score every setting combination of ``bundle`` (mt2: the first four grids and ``dark_field_neck_depths``;
-    crossct: ``interior_thresholds`` and ``expand_pxs``); print JSON
+    crossct: ``interior_thresholds``, ``expand_pxs`` and ``dark_field_neck_depths``); print JSON
     lines and return the best: the highest mean F1 among the combinations that give no image more than
     ``max_objects_per_cell`` objects per cell (None: no bound), or None when none does; with ``modalities`` (a
     ``name,modality`` CSV), among those that also reach the classical baseline's F1 on every modality, when any
@@ -152,7 +155,8 @@ def tune(
     grids = {
         "mt2": dict(cell_threshold=cell_thresholds, seed_threshold=seed_thresholds, min_seed_size=min_seed_sizes,
                     neck_depth=neck_depths, dark_field_neck_depth=dark_field_neck_depths),
-        "crossct": dict(interior_threshold=interior_thresholds, expand_px=expand_pxs),
+        "crossct": dict(interior_threshold=interior_thresholds, expand_px=expand_pxs,
+                        dark_field_neck_depth=dark_field_neck_depths),
     }[bundle]
     overrides = command_line_json(overrides)
     images = _network_maps(tuning, Path(dataset_dir), checkpoint, overrides)
