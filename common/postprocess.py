@@ -136,8 +136,8 @@ def split_at_necks(seeds: np.ndarray, depth: float, sigma: float = 1.0) -> np.nd
 
 
 def neck_depth_for(dark_field: bool, neck_depth: float, dark_field_neck_depth: float | None) -> float:
-    """The depth MT² cuts an image's seeds at: ``dark_field_neck_depth`` on a dark-field image
-    (:func:`common.intensity.is_dark_field`) when it is set, ``neck_depth`` otherwise."""
+    """The depth an image's seeds (MT²) or interior components (CrossCT) are cut at: ``dark_field_neck_depth`` on a
+    dark-field image (:func:`common.intensity.is_dark_field`) when it is set, ``neck_depth`` otherwise."""
     return dark_field_neck_depth if dark_field and dark_field_neck_depth is not None else neck_depth
 
 

@@ -3,8 +3,7 @@ against the label with the challenge F1. The MT² watershed and the CrossCT inte
 their bundle's inference config (what ships): MT²'s seeds and CrossCT's interior components are split at
 ``dark_field_neck_depth`` where the label's image (``images/<name>.*``, after MT²'s preprocessing) is dark-field
 (MT²'s seeds at ``neck_depth`` elsewhere), as the bundles do; CrossCT's distance-map watershed (``postprocess:
-distance``) its defaults. It measures what the
-target/post-processing pair alone loses, before any network.
+distance``) its defaults. It measures what the target/post-processing pair alone loses, before any network.
 
     python tools/roundtrip.py --dataset_dir ../shared/data/cellseg-dev [--modalities .../modalities.csv]
 """
@@ -36,17 +35,20 @@ def dark_fields(dataset_dir: str | Path, names: list[str]) -> dict[str, bool]:
     """Whether each named label's image is dark-field after MT²'s preprocessing (``common.intensity.is_dark_field``).
 
     Raises:
-        FileNotFoundError: a label has no image in ``dataset_dir/images``: MT²'s neck depth depends on it.
+        FileNotFoundError: a label has no image in ``dataset_dir/images``: both bundles' neck depth depends on it.
     """
     images = {path.stem: path for path in list_images(Path(dataset_dir, "images"))}
     missing = [name for name in names if name not in images]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} labels have no image in {Path(dataset_dir, 'images')} (e.g. {missing[0]}): the MT² "
-            "round trip reads each image to tell a dark-field one, whose seeds the bundle splits at its own depth"
+            f"{len(missing)} labels have no image in {Path(dataset_dir, 'images')} (e.g. {missing[0]}): the MT² and "
+            "CrossCT round trips read each image to tell a dark-field one, which the bundles split at its own depth"
         )
     preprocessing = inference_config(SHIPPED_SETTINGS["mt2"][0]).get_parsed_content("preprocessing")
-    return {name: is_dark_field(preprocessing({"image": str(images[name])})["image"]) for name in tqdm(names, desc="dark field")}
+    return {
+        name: is_dark_field(preprocessing({"image": str(images[name])})["image"])
+        for name in tqdm(names, desc="dark field")
+    }
 
 
 def roundtrip(dataset_dir: str, modalities: str | None = None) -> None:
