@@ -5,7 +5,8 @@ Three recipes, each an array function plus a dictionary wrapper:
 - :func:`mt2_watershed` — MT²: watershed of ``cell - boundary`` from thresholded seeds (optionally split where
   they narrow, :func:`split_at_necks`).
 - :func:`interior_components` — the organizers' baseline used by CrossCT: connected components of the
-  thresholded interior probability.
+  thresholded interior probability (optionally grown into the predicted foreground, :func:`grow_into_foreground`);
+  :func:`crossct_instances` picks its settings by the kind of image.
 - :func:`distance_watershed` — the distance-map watershed of Scherr et al. for the CrossCT cell- and
   neighbor-distance outputs (CrossCT's own "future work").
 """
@@ -30,7 +31,9 @@ __all__ = [
     "mt2_watershed",
     "split_at_necks",
     "neck_depth_for",
+    "grow_into_foreground",
     "interior_components",
+    "crossct_instances",
     "distance_watershed",
     "MT2Watershedd",
     "InteriorComponentsd",
@@ -179,6 +182,27 @@ def mt2_watershed(
     return _seeded_watershed(energy, seeds, mask)
 
 
+def grow_into_foreground(labels: np.ndarray, foreground_prob, threshold: float) -> np.ndarray:
+    """Grow labelled objects into the predicted foreground: a watershed of ``-foreground_prob`` from ``labels``
+    over the pixels where ``foreground_prob > threshold``. Each object keeps its own pixels; touching objects
+    meet where the foreground probability is lowest between them; foreground that no object reaches stays
+    background.
+
+    Args:
+        labels: (H, W) integer labels, 0 = background.
+        foreground_prob: (H, W) probability that a pixel belongs to a cell, float (CrossCT: 1 - background).
+        threshold: foreground probability above which an object may grow into a pixel.
+
+    Returns:
+        (H, W) int32 labels 1..n.
+    """
+    foreground = _as_float_map(foreground_prob, "foreground_prob")
+    labels = np.asarray(labels)
+    if foreground.shape != labels.shape:
+        raise ValueError(f"labels and foreground_prob differ in shape: {labels.shape} vs {foreground.shape}")
+    return _seeded_watershed(foreground, labels, (foreground > threshold) | (labels > 0))
+
+
 def interior_components(
     interior_prob,
     threshold: float = 0.5,
@@ -186,6 +210,8 @@ def interior_components(
     max_hole_size: int = 64,
     expand_px: int = 0,
     neck_depth: float = 0.0,
+    foreground_prob=None,
+    foreground_threshold: float | None = None,
 ) -> np.ndarray:
     """The organizers' baseline post-processing, used by CrossCT.
 
@@ -193,6 +219,8 @@ def interior_components(
     ``min_size`` px removed, then 8-connected components. The boundary class is left out of the mask, so
     instances are thinner than the cells; ``expand_px`` > 0 grows each instance by that many pixels into the
     background (never into a neighbour) to give the boundary band back — 0 reproduces the baseline. With
+    ``foreground_threshold`` set the instances first grow into the predicted foreground instead
+    (:func:`grow_into_foreground` of ``foreground_prob``), as far as the network sees each cell. With
     ``neck_depth`` > 0 the components are first split where they narrow (:func:`split_at_necks`): where the
     boundary class misses the contact between two touching cells their interiors merge through a neck.
 
@@ -202,12 +230,17 @@ def interior_components(
         min_size: smallest object kept, in pixels.
         max_hole_size: holes (4-connected background regions) smaller than this are filled, as
             ``skimage.morphology.remove_small_holes`` with its default 64.
-        expand_px: pixels by which instances grow after labelling.
+        expand_px: pixels by which instances grow after labelling (and after the growth into the foreground).
         neck_depth: depth (px of distance) of the necks at which components are split; 0 splits none.
+        foreground_prob: (H, W) probability of a cell pixel (CrossCT: 1 - background), float; read only when
+            ``foreground_threshold`` is set.
+        foreground_threshold: foreground probability above which instances grow; None: no such growth.
 
     Returns:
         (H, W) int32 instance labels, 0 = background, ids 1..n.
     """
+    if foreground_threshold is not None and foreground_prob is None:
+        raise ValueError("interior_components: foreground_threshold is set but no foreground_prob was given")
     mask = _as_float_map(interior_prob, "interior_prob") > threshold
     background, _ = ndi.label(~mask)
     hole_sizes = np.bincount(background.ravel())
@@ -218,9 +251,53 @@ def interior_components(
     labels = _drop_small_labels(labels.astype(np.int32, copy=False), min_size)
     if neck_depth > 0:
         labels = split_at_necks(labels, neck_depth)
+    if foreground_threshold is not None:
+        labels = grow_into_foreground(labels, foreground_prob, foreground_threshold)
     if expand_px > 0:
         labels = expand_labels(labels, distance=expand_px)
     return _sequential_int32(labels)
+
+
+def crossct_instances(
+    classes,
+    dark_field: bool = False,
+    threshold: float = 0.5,
+    min_size: int = 16,
+    max_hole_size: int = 64,
+    expand_px: int = 0,
+    neck_depth: float = 0.0,
+    dark_field_neck_depth: float | None = None,
+    foreground_threshold: float | None = None,
+    foreground_min_size: int | None = None,
+) -> np.ndarray:
+    """CrossCT's post-processing of one image: :func:`interior_components` with the settings of its kind of image.
+
+    - Dark-field images (:func:`common.intensity.is_dark_field`: fluorescence) and every image when
+      ``foreground_threshold`` is None: components of at least ``min_size`` px, split at necks of
+      ``dark_field_neck_depth`` (dark-field, when set) or ``neck_depth``, grown by ``expand_px``.
+    - Other images, with ``foreground_threshold`` set: components of at least ``foreground_min_size`` px (None:
+      ``min_size``), split at ``neck_depth``, grown into ``1 - background > foreground_threshold``
+      (:func:`grow_into_foreground`) instead of by ``expand_px``. Around small fluorescence nuclei the background
+      class is wider than the nuclei, so dark-field images keep the fixed growth (CrossCT's docs/README.md).
+
+    Args:
+        classes: (3, H, W) class probabilities [background, interior, boundary], float.
+        dark_field: whether the image is dark-field.
+        the rest: as :func:`interior_components`; ``dark_field_neck_depth`` as :func:`neck_depth_for`.
+
+    Returns:
+        (H, W) int32 instance labels, 0 = background, ids 1..n.
+    """
+    classes = np.asarray(classes, dtype=np.float32)
+    if classes.ndim != 3 or classes.shape[0] < 2:
+        raise ValueError(f"classes must be (3, H, W) probabilities [background, interior, boundary], got {classes.shape}")
+    if foreground_threshold is not None and not dark_field:
+        return interior_components(
+            classes[1], threshold, min_size if foreground_min_size is None else foreground_min_size, max_hole_size,
+            neck_depth=neck_depth, foreground_prob=1.0 - classes[0], foreground_threshold=foreground_threshold,
+        )
+    depth = neck_depth_for(dark_field, neck_depth, dark_field_neck_depth)
+    return interior_components(classes[1], threshold, min_size, max_hole_size, expand_px, neck_depth=depth)
 
 
 def distance_watershed(
@@ -283,22 +360,27 @@ class _ChannelPostprocessd(MapTransform):
 
 class _NecksByImage:
     """The neck depth for one dictionary: ``dark_field_neck_depth`` when it is set and the normalized (C, H, W)
-    image under ``image_key`` is dark-field (:func:`common.intensity.is_dark_field`), else ``neck_depth``."""
+    image under ``image_key`` is dark-field (:func:`common.intensity.is_dark_field`), else ``neck_depth``; and
+    whether that image is dark-field, for other settings that depend on it."""
 
     neck_depth: float
     dark_field_neck_depth: float | None
     image_key: str
 
+    def _dark_field(self, data: Mapping[Hashable, object], setting: str) -> bool:
+        """Whether the image of ``data`` is dark-field; ``setting`` names what needs to know, for the error."""
+        if self.image_key not in data:
+            raise KeyError(
+                f"{type(self).__name__} with {setting} reads the normalized image under "
+                f"'{self.image_key}', which the dictionary lacks (keys: {sorted(map(str, data))}); pass it, or set "
+                f"{setting} to None"
+            )
+        return is_dark_field(data[self.image_key])
+
     def _neck_depth(self, data: Mapping[Hashable, object]) -> float:
         if self.dark_field_neck_depth is None:
             return self.neck_depth
-        if self.image_key not in data:
-            raise KeyError(
-                f"{type(self).__name__} with dark_field_neck_depth reads the normalized image under "
-                f"'{self.image_key}', which the dictionary lacks (keys: {sorted(map(str, data))}); pass it, or set "
-                "dark_field_neck_depth to None"
-            )
-        return neck_depth_for(is_dark_field(data[self.image_key]), self.neck_depth, self.dark_field_neck_depth)
+        return neck_depth_for(self._dark_field(data, "dark_field_neck_depth"), self.neck_depth, self.dark_field_neck_depth)
 
 
 class MT2Watershedd(_NecksByImage, _ChannelPostprocessd):
@@ -347,7 +429,10 @@ class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
 
     Components are split at necks of ``neck_depth`` px (0: none, the organizers'), or of
     ``dark_field_neck_depth`` on images that :func:`common.intensity.is_dark_field` calls dark-field when that is
-    set; the normalized (C, H, W) image is then read from ``image_key`` of the same dictionary.
+    set. With ``foreground_threshold`` set, the components of the other images (of at least
+    ``foreground_min_size`` px) grow into the predicted foreground, ``1 - background``, instead of by
+    ``expand_px`` (:func:`crossct_instances`). Either setting reads the normalized (C, H, W) image from
+    ``image_key`` of the same dictionary.
     """
 
     def __init__(
@@ -361,6 +446,8 @@ class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
         expand_px: int = 0,
         neck_depth: float = 0.0,
         dark_field_neck_depth: float | None = None,
+        foreground_threshold: float | None = None,
+        foreground_min_size: int | None = None,
         image_key: str = "image",
         output_key: str | None = None,
         allow_missing_keys: bool = False,
@@ -368,9 +455,14 @@ class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
         super().__init__(keys, output_key, allow_missing_keys)
         self.class_channels = list(class_channels)
         self.softmax = softmax
-        self.params = dict(threshold=threshold, min_size=min_size, max_hole_size=max_hole_size, expand_px=expand_px)
+        self.params = dict(
+            threshold=threshold, min_size=min_size, max_hole_size=max_hole_size, expand_px=expand_px,
+            neck_depth=neck_depth, dark_field_neck_depth=dark_field_neck_depth,
+            foreground_threshold=foreground_threshold, foreground_min_size=foreground_min_size,
+        )
         self.neck_depth = neck_depth
         self.dark_field_neck_depth = dark_field_neck_depth
+        self.foreground_threshold = foreground_threshold
         self.image_key = image_key
 
     def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
@@ -378,7 +470,12 @@ class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
         if self.softmax:
             classes = np.exp(classes - classes.max(axis=0, keepdims=True))
             classes /= classes.sum(axis=0, keepdims=True)
-        return interior_components(classes[1], **self.params, neck_depth=self._neck_depth(data))
+        dark_field = False
+        if self.dark_field_neck_depth is not None:
+            dark_field = self._dark_field(data, "dark_field_neck_depth")
+        elif self.foreground_threshold is not None:
+            dark_field = self._dark_field(data, "foreground_threshold")
+        return crossct_instances(classes, dark_field, **self.params)
 
 
 class DistanceWatershedd(_ChannelPostprocessd):

@@ -12,7 +12,7 @@ import numpy as np
 from common.evaluation import ImageScore
 from common.io import read_label
 from common.metrics import challenge_counts
-from common.postprocess import distance_watershed, interior_components, mt2_watershed, neck_depth_for
+from common.postprocess import crossct_instances, distance_watershed, mt2_watershed, neck_depth_for
 from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map, three_class_map
 
 __all__ = ["ROUND_TRIPS", "mt2_roundtrip", "crossct_roundtrip", "crossct_distance_roundtrip", "roundtrip_scores"]
@@ -40,13 +40,18 @@ def crossct_roundtrip(
     expand_px: float = 0,
     dark_field_neck_depth: float | None = None,
     dark_field: bool = False,
+    foreground_threshold: float | None = None,
+    foreground_min_size: int | None = None,
 ) -> np.ndarray:
-    """CrossCT 3-class map -> its interior class as a probability -> interior components (CrossCT's shipped
-    post-processing, with its inference config's names for the settings), split at ``dark_field_neck_depth`` when
-    ``dark_field`` and that is set, as ``InteriorComponentsd`` does; (H, W) int32 instances."""
-    interior = (three_class_map(label) == 1).astype(np.float32)
-    neck_depth = neck_depth_for(dark_field, 0.0, dark_field_neck_depth)
-    return interior_components(interior, threshold=interior_threshold, expand_px=expand_px, neck_depth=neck_depth)
+    """CrossCT 3-class map -> its classes as probabilities (one-hot) -> CrossCT's shipped post-processing
+    (:func:`common.postprocess.crossct_instances`, with its inference config's names for the settings), as
+    ``InteriorComponentsd`` applies it to an image that is dark-field or not (``dark_field``); (H, W) int32
+    instances."""
+    classes = np.eye(3, dtype=np.float32)[three_class_map(label)].transpose(2, 0, 1)
+    return crossct_instances(
+        classes, dark_field, interior_threshold, expand_px=expand_px, dark_field_neck_depth=dark_field_neck_depth,
+        foreground_threshold=foreground_threshold, foreground_min_size=foreground_min_size,
+    )
 
 
 def crossct_distance_roundtrip(label: np.ndarray, **watershed_settings) -> np.ndarray:

@@ -13,7 +13,9 @@ from common.postprocess import (
     DistanceWatershedd,
     InteriorComponentsd,
     MT2Watershedd,
+    crossct_instances,
     distance_watershed,
+    grow_into_foreground,
     interior_components,
     mt2_watershed,
     split_at_necks,
@@ -275,3 +277,73 @@ def test_interior_components_of_dark_field_images_are_split_at_their_own_neck_de
     assert labels(bright_image, neck_depth=0.5).max() == 2  # neck_depth: every image
     with pytest.raises(KeyError, match="InteriorComponentsd with dark_field_neck_depth reads .* under 'image'"):
         InteriorComponentsd(**settings, dark_field_neck_depth=0.5)({"pred": logits})
+
+
+def test_grow_into_foreground_fills_each_cell_and_meets_at_the_foreground_dip():
+    """Two touching discs with the foreground probability dipping on their contact line, a shrunk seed in each,
+    and a foreground blob no seed reaches: each seed grows to its own disc, the blob stays background."""
+    label = two_touching_discs()
+    foreground = (label > 0).astype(np.float32)
+    contact = ndi.binary_dilation(label == 1) & (label == 2)
+    foreground[ndi.binary_dilation(contact)] = 0.6  # still foreground, lower than either cell
+    blob = disc(label.shape, (70, 110), 5) & (label == 0)
+    foreground[blob] = 1.0
+    seeds = np.zeros_like(label)
+    seeds[ndi.binary_erosion(label == 1, iterations=6)] = 1
+    seeds[ndi.binary_erosion(label == 2, iterations=6)] = 2
+    grown = grow_into_foreground(seeds, foreground, 0.5)
+    assert grown.dtype == np.int32
+    assert sorted(np.unique(grown)) == [0, 1, 2]
+    for instance in (1, 2):
+        assert iou(grown == instance, label == instance) > 0.95
+        assert (grown[seeds == instance] == instance).all()  # each object keeps its own pixels
+    assert not grown[blob].any()
+    assert not grow_into_foreground(seeds, foreground, 1.0)[(seeds == 0)].any()  # nothing above 1.0: no growth
+    with pytest.raises(ValueError, match="differ in shape"):
+        grow_into_foreground(seeds, foreground[:-1], 0.5)
+
+
+def test_interior_components_grow_into_the_foreground_when_asked():
+    shape = (40, 40)
+    cell = disc(shape, (20, 20), 10)
+    interior = disc(shape, (20, 20), 7).astype(np.float32)
+    grown = interior_components(interior, 0.5, foreground_prob=cell.astype(np.float32), foreground_threshold=0.5)
+    assert np.array_equal(grown > 0, cell)
+    assert np.array_equal(interior_components(interior, 0.5) > 0, interior > 0)
+    with pytest.raises(ValueError, match="no foreground_prob"):
+        interior_components(interior, 0.5, foreground_threshold=0.5)
+
+
+def _class_logits(interior, cells):
+    """(3, H, W) logits: background outside ``cells``, interior on ``interior``, boundary on the rest."""
+    logits = torch.full((3, *cells.shape), -10.0)
+    logits[0][torch.from_numpy(~cells)] = 10.0
+    logits[1][torch.from_numpy(interior)] = 10.0
+    logits[2][torch.from_numpy(cells & ~interior)] = 10.0
+    return logits
+
+
+def test_crossct_foreground_growth_applies_to_images_that_are_not_dark_field():
+    """A large and a small cell whose interiors are 4 px inside them: on a bright image (not dark-field) the large
+    one grows to its whole cell and the small one, whose interior is under foreground_min_size, is dropped; on a
+    dark-field image both are kept and grow by expand_px only."""
+    shape = (64, 64)
+    large, small = disc(shape, (20, 20), 12), disc(shape, (46, 46), 7)
+    interior = disc(shape, (20, 20), 8) | disc(shape, (46, 46), 3)
+    logits = _class_logits(interior, large | small)
+    dark_image = torch.from_numpy(np.stack([(large | small).astype(np.float32)] * 3))
+    settings = dict(keys="pred", softmax=True, threshold=0.65, expand_px=1, foreground_threshold=0.5,
+                    foreground_min_size=64)
+    transform = InteriorComponentsd(**settings)
+    bright = np.asarray(transform({"pred": logits, "image": 1.0 - dark_image})["pred"][0])
+    assert np.array_equal(bright > 0, large)
+    dark = np.asarray(transform({"pred": logits, "image": dark_image})["pred"][0])
+    assert dark.max() == 2
+    assert np.array_equal(dark > 0, ndi.binary_dilation(interior))  # 1 px of growth, not the whole cells
+    classes = torch.softmax(logits, dim=0).numpy()
+    assert np.array_equal(crossct_instances(classes, False, 0.65, foreground_threshold=0.5, foreground_min_size=64), bright)
+    assert crossct_instances(classes, False, 0.65, foreground_threshold=0.5).max() == 2  # min_size's 16 keeps both
+    with pytest.raises(KeyError, match="InteriorComponentsd with foreground_threshold reads .* under 'image'"):
+        transform({"pred": logits})
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        crossct_instances(classes[1], False)

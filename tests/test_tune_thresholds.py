@@ -99,7 +99,7 @@ def test_with_modalities_the_best_reaches_the_classical_baseline_on_every_modali
     assert lines[-1] == {"best": best}
 
 
-def test_crossct_grid_is_its_interior_threshold_expansion_and_dark_field_neck_depth(tmp_path, dev_dir, capsys):
+def test_crossct_grid_is_its_interior_threshold_expansion_dark_field_neck_depth_and_foreground_growth(tmp_path, dev_dir, capsys):
     val = _validation_folder(tmp_path, dev_dir)
     torch.manual_seed(0)
     pair = inference_config(tool.TUNINGS["crossct"].bundle_dir, None, **CROSSCT).get_parsed_content("network_def")
@@ -107,11 +107,15 @@ def test_crossct_grid_is_its_interior_threshold_expansion_and_dark_field_neck_de
     best = tool.tune(
         str(val), str(tmp_path / "model.pt"), overrides=json.dumps(CROSSCT), max_objects_per_cell=None,
         bundle="crossct", interior_thresholds="[0.3, 0.5]", expand_pxs="[0, 2]", dark_field_neck_depths="[null, 0.5]",
+        foreground_thresholds="[null, 0.5]", foreground_min_sizes="[null, 64]",
     )
     lines = _printed_lines(capsys)
     combos = [line for line in lines if "best" not in line]
-    assert [(c["interior_threshold"], c["expand_px"], c["dark_field_neck_depth"]) for c in combos] == [
-        (t, e, d) for t in (0.3, 0.5) for e in (0, 2) for d in (None, 0.5)
+    keys = ("interior_threshold", "expand_px", "dark_field_neck_depth", "foreground_threshold", "foreground_min_size")
+    # a minimum size for the foreground growth only with the growth: 3 of the 4 (threshold, size) pairs
+    assert [tuple(c[k] for k in keys) for c in combos] == [
+        (t, e, d, f, m) for t in (0.3, 0.5) for e in (0, 2) for d in (None, 0.5) for f, m in
+        ((None, None), (0.5, None), (0.5, 64))
     ]
     for line in combos:
         assert line["mean_f1"] == pytest.approx(sum(line["per_image_f1"].values()) / len(IMAGES), abs=1e-4)
@@ -127,8 +131,8 @@ def test_an_unknown_bundle_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "bundle, settings",
     [
-        ("mt2", ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth")),
-        ("crossct", ("interior_threshold", "expand_px")),
+        ("mt2", ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth", "dark_field_neck_depth")),
+        ("crossct", ("interior_threshold", "expand_px", "dark_field_neck_depth", "foreground_threshold", "foreground_min_size")),
     ],
 )
 def test_training_validation_post_processes_like_the_shipped_inference(bundle, settings):

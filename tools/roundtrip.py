@@ -2,7 +2,8 @@
 against the label with the challenge F1. The MT² watershed and the CrossCT interior components use the settings of
 their bundle's inference config (what ships): MT²'s seeds and CrossCT's interior components are split at
 ``dark_field_neck_depth`` where the label's image (``images/<name>.*``, after MT²'s preprocessing) is dark-field
-(MT²'s seeds at ``neck_depth`` elsewhere), as the bundles do; CrossCT's distance-map watershed (``postprocess:
+(MT²'s seeds at ``neck_depth`` elsewhere), and CrossCT's components of the other images grow into the foreground
+(``foreground_threshold``), as the bundles do; CrossCT's distance-map watershed (``postprocess:
 distance``) its defaults. It measures what the target/post-processing pair alone loses, before any network.
 
     python tools/roundtrip.py --dataset_dir ../shared/data/cellseg-dev [--modalities .../modalities.csv]
@@ -27,7 +28,10 @@ SHIPPED_SETTINGS = {
         BUNDLES / "mt2_cell_segmentation",
         ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth", "dark_field_neck_depth"),
     ),
-    "crossct": (BUNDLES / "crossct_cell_segmentation", ("interior_threshold", "expand_px", "dark_field_neck_depth")),
+    "crossct": (
+        BUNDLES / "crossct_cell_segmentation",
+        ("interior_threshold", "expand_px", "dark_field_neck_depth", "foreground_threshold", "foreground_min_size"),
+    ),
 }
 
 

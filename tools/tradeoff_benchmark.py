@@ -65,7 +65,8 @@ SETTINGS = {
         {**_CROSSCT_NO_FLIPS, "postprocess": "distance"},
         {**_CROSSCT_NO_FLIPS, "network_output": "swin"},
         {**_CROSSCT_NO_FLIPS, "network_output": "ensemble"},
-        _override_file("crossct", "inference_quality.yaml"),  # the ensemble, with the default's flips
+        {"network_output": "ensemble"},  # both networks, with the default's flips (inference_quality.yaml up to 0.6.0)
+        _override_file("crossct", "inference_quality.yaml"),  # float32 throughout
     ],
 }
 

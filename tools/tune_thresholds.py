@@ -5,15 +5,18 @@
         [--dark_field_neck_depths "[0.5,0.75,1]"] [--overrides "{...}"] [--max_objects_per_cell 1.5] [--modalities MODALITIES_CSV]
     python tools/tune_thresholds.py --bundle crossct --dataset_dir VAL [--checkpoint model.pt]
         [--interior_thresholds "[0.4,0.5,0.6,0.65,0.7]"] [--expand_pxs "[0,1,2,3]"] [--dark_field_neck_depths "[null,0.5]"]
-        [--overrides "{...}"]
+        [--foreground_thresholds "[null,0.5]"] [--foreground_min_sizes "[null,64]"] [--overrides "{...}"]
 
 The network runs once per image with the bundle's own ``configs/inference.yaml`` (preprocessing, inferer, weights;
 ``--overrides`` changes any of its settings, e.g. CrossCT's ``network_output``); then every combination of the
 bundle's settings is applied to the stored maps and scored with the challenge F1. MT²: ``cell_threshold``,
 ``seed_threshold``, ``min_seed_size``, ``neck_depth`` and ``dark_field_neck_depth`` (the neck depth of the images
 ``common.intensity.is_dark_field`` calls dark-field; null: ``neck_depth`` for all) of its watershed; CrossCT: ``interior_threshold``,
-``expand_px`` and ``dark_field_neck_depth`` (the depth at which the interior components of dark-field images are
-split; null: none split) of its interior components. Prints one JSON line per combination (mean F1 over the images, the mean
+``expand_px``, ``dark_field_neck_depth`` (the depth at which the interior components of dark-field images are
+split; null: none split), ``foreground_threshold`` and ``foreground_min_size`` (the other images' components, of
+at least that size, null: 16, grow into ``1 - background`` above that threshold instead of by ``expand_px``;
+null: they do not) of
+its interior components (``common.postprocess.crossct_instances``). Prints one JSON line per combination (mean F1 over the images, the mean
 and the largest ratio of objects found to cells, as the challenge counts them) and last the best one, ready for the
 inference config: the highest mean F1 among the combinations that give no image more than
 ``--max_objects_per_cell`` (1.5) objects per cell. ``VAL`` holds ``images/`` and ``labels/``.
@@ -43,7 +46,7 @@ from common.evaluation import group_by_modality, read_modalities
 from common.intensity import is_dark_field
 from common.io import label_path_for, list_images, read_image, read_label
 from common.metrics import challenge_counts, f1_from_counts
-from common.postprocess import interior_components, mt2_watershed, neck_depth_for
+from common.postprocess import crossct_instances, mt2_watershed, neck_depth_for
 from common.workflows import command_line_json, inference_config, loaded_network
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -73,12 +76,12 @@ TUNINGS = {
     ),
     "crossct": _Tuning(
         BUNDLES / "crossct_cell_segmentation",
-        lambda output: torch.softmax(output[0, :3].float(), dim=0)[1].cpu().numpy(),  # interior probability
-        lambda interior, dark_field, interior_threshold, expand_px, dark_field_neck_depth: interior_components(
-            interior, interior_threshold, expand_px=expand_px,
-            neck_depth=neck_depth_for(dark_field, 0.0, dark_field_neck_depth),
+        lambda output: torch.softmax(output[0, :3].float(), dim=0).cpu().numpy(),  # class probabilities
+        lambda classes, dark_field, interior_threshold, **setting: crossct_instances(
+            classes, dark_field, interior_threshold, **setting
         ),
-        lambda setting: True,
+        # a minimum size of the foreground-grown components (null: min_size's 16) means nothing without the growth
+        lambda setting: setting["foreground_threshold"] is not None or setting["foreground_min_size"] is None,
     ),
 }
 
@@ -142,9 +145,12 @@ def tune(
     expand_pxs="[0, 1, 2, 3]",
     modalities: str | None = None,
     dark_field_neck_depths="[0.5, 0.75, 1]",
+    foreground_thresholds="[null, 0.5]",
+    foreground_min_sizes="[null, 64]",
 ) -> dict | None:
     """Score every setting combination of ``bundle`` (mt2: the first four grids and ``dark_field_neck_depths``;
-    crossct: ``interior_thresholds``, ``expand_pxs`` and ``dark_field_neck_depths``); print JSON
+    crossct: ``interior_thresholds``, ``expand_pxs``, ``dark_field_neck_depths``, ``foreground_thresholds`` and
+    ``foreground_min_sizes``); print JSON
     lines and return the best: the highest mean F1 among the combinations that give no image more than
     ``max_objects_per_cell`` objects per cell (None: no bound), or None when none does; with ``modalities`` (a
     ``name,modality`` CSV), among those that also reach the classical baseline's F1 on every modality, when any
@@ -156,7 +162,8 @@ def tune(
         "mt2": dict(cell_threshold=cell_thresholds, seed_threshold=seed_thresholds, min_seed_size=min_seed_sizes,
                     neck_depth=neck_depths, dark_field_neck_depth=dark_field_neck_depths),
         "crossct": dict(interior_threshold=interior_thresholds, expand_px=expand_pxs,
-                        dark_field_neck_depth=dark_field_neck_depths),
+                        dark_field_neck_depth=dark_field_neck_depths, foreground_threshold=foreground_thresholds,
+                        foreground_min_size=foreground_min_sizes),
     }[bundle]
     overrides = command_line_json(overrides)
     images = _network_maps(tuning, Path(dataset_dir), checkpoint, overrides)
