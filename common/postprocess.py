@@ -460,9 +460,6 @@ class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
             neck_depth=neck_depth, dark_field_neck_depth=dark_field_neck_depth,
             foreground_threshold=foreground_threshold, foreground_min_size=foreground_min_size,
         )
-        self.neck_depth = neck_depth
-        self.dark_field_neck_depth = dark_field_neck_depth
-        self.foreground_threshold = foreground_threshold
         self.image_key = image_key
 
     def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
@@ -470,11 +467,10 @@ class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
         if self.softmax:
             classes = np.exp(classes - classes.max(axis=0, keepdims=True))
             classes /= classes.sum(axis=0, keepdims=True)
-        dark_field = False
-        if self.dark_field_neck_depth is not None:
-            dark_field = self._dark_field(data, "dark_field_neck_depth")
-        elif self.foreground_threshold is not None:
-            dark_field = self._dark_field(data, "foreground_threshold")
+        # the image is read only when a setting depends on it; the error names the first such setting
+        image_settings = ("dark_field_neck_depth", "foreground_threshold")
+        reader = next((name for name in image_settings if self.params[name] is not None), None)
+        dark_field = reader is not None and self._dark_field(data, reader)
         return crossct_instances(classes, dark_field, **self.params)
 
 

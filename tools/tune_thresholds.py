@@ -15,8 +15,8 @@ bundle's settings is applied to the stored maps and scored with the challenge F1
 ``expand_px``, ``dark_field_neck_depth`` (the depth at which the interior components of dark-field images are
 split; null: none split), ``foreground_threshold`` and ``foreground_min_size`` (the other images' components, of
 at least that size, null: 16, grow into ``1 - background`` above that threshold instead of by ``expand_px``;
-null: they do not) of
-its interior components (``common.postprocess.crossct_instances``). Prints one JSON line per combination (mean F1 over the images, the mean
+null: they do not) of its interior components (``common.postprocess.crossct_instances``). Prints one JSON line
+per combination (mean F1 over the images, the mean
 and the largest ratio of objects found to cells, as the challenge counts them) and last the best one, ready for the
 inference config: the highest mean F1 among the combinations that give no image more than
 ``--max_objects_per_cell`` (1.5) objects per cell. ``VAL`` holds ``images/`` and ``labels/``.
