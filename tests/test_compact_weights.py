@@ -38,3 +38,32 @@ def test_not_a_state_dict_is_refused(tmp_path):
     torch.save([torch.ones(2)], tmp_path / "list.pt")
     with pytest.raises(SystemExit, match="not a tensor-only state dict"):
         _tool().compact_weights(str(tmp_path / "list.pt"), str(tmp_path / "x.pt"))
+
+
+def test_several_sources_are_averaged_tensor_by_tensor(tmp_path):
+    torch.manual_seed(0)
+    shape = dict(spatial_dims=2, in_channels=3, out_channels=5, features=(8, 8, 16, 32, 64, 8))
+    networks = [BasicUNet(**shape) for _ in range(3)]
+    for i, network in enumerate(networks):  # a training checkpoint, a plain state dict, a float16 snapshot
+        state = network.state_dict()
+        saved = {"model": state} if i == 0 else state if i == 1 else {k: v.half() for k, v in state.items()}
+        torch.save(saved, tmp_path / f"e{i}.pt")
+    _tool().compact_weights([str(tmp_path / f"e{i}.pt") for i in range(3)], str(tmp_path / "mean.pt"))
+    mean = torch.load(tmp_path / "mean.pt", weights_only=True)
+    key = "conv_0.conv_0.conv.weight"
+    tensors = [network.state_dict()[key] for network in networks]
+    expected = (tensors[0] + tensors[1] + tensors[2].half().float()) / 3
+    assert mean[key].dtype == torch.float16
+    assert torch.allclose(mean[key].float(), expected, atol=1e-3)
+    assert not torch.allclose(mean[key].float(), networks[0].state_dict()[key], atol=1e-3)
+    BasicUNet(**shape).load_state_dict(mean)
+
+
+def test_sources_of_different_networks_are_refused(tmp_path):
+    torch.save({"w": torch.ones(2), "index": torch.arange(3)}, tmp_path / "a.pt")
+    torch.save({"w": torch.ones(3), "index": torch.arange(3)}, tmp_path / "b.pt")
+    torch.save({"w": torch.ones(2), "index": torch.arange(1, 4)}, tmp_path / "c.pt")
+    torch.save({"v": torch.ones(2), "index": torch.arange(3)}, tmp_path / "d.pt")
+    for other, message in (("b", "w is"), ("c", "integer tensor index differs"), ("d", "different tensors")):
+        with pytest.raises(SystemExit, match=message):
+            _tool().compact_weights([str(tmp_path / "a.pt"), str(tmp_path / f"{other}.pt")], str(tmp_path / "x.pt"))

@@ -4,8 +4,9 @@
         [--seed_thresholds "[0.4,0.5,0.6,0.7,0.8]"] [--min_seed_sizes "[16,32]"] [--neck_depths "[0,1,1.5,2,3]"]
         [--dark_field_neck_depths "[0.5,0.75,1]"] [--overrides "{...}"] [--max_objects_per_cell 1.5] [--modalities MODALITIES_CSV]
     python tools/tune_thresholds.py --bundle crossct --dataset_dir VAL [--checkpoint model.pt]
-        [--interior_thresholds "[0.4,0.5,0.6,0.65,0.7]"] [--expand_pxs "[0,1,2,3]"] [--dark_field_neck_depths "[null,0.5]"]
-        [--foreground_thresholds "[null,0.5]"] [--foreground_min_sizes "[null,64]"] [--overrides "{...}"]
+        [--interior_thresholds "[0.4,0.5,0.6,0.65,0.7,0.75]"] [--expand_pxs "[0,1,2,3]"]
+        [--dark_field_neck_depths "[null,0.5]"] [--foreground_thresholds "[null,0.4,0.5]"]
+        [--foreground_min_sizes "[null,48,64]"] [--overrides "{...}"]
 
 The network runs once per image with the bundle's own ``configs/inference.yaml`` (preprocessing, inferer, weights;
 ``--overrides`` changes any of its settings, e.g. CrossCT's ``network_output``); then every combination of the
@@ -141,12 +142,12 @@ def tune(
     overrides: str | dict = "{}",
     max_objects_per_cell: float | None = 1.5,
     bundle: str = "mt2",
-    interior_thresholds="[0.4, 0.5, 0.6, 0.65, 0.7]",
+    interior_thresholds="[0.4, 0.5, 0.6, 0.65, 0.7, 0.75]",
     expand_pxs="[0, 1, 2, 3]",
     modalities: str | None = None,
     dark_field_neck_depths="[0.5, 0.75, 1]",
-    foreground_thresholds="[null, 0.5]",
-    foreground_min_sizes="[null, 64]",
+    foreground_thresholds="[null, 0.4, 0.5]",
+    foreground_min_sizes="[null, 48, 64]",
 ) -> dict | None:
     """Score every setting combination of ``bundle`` (mt2: the first four grids and ``dark_field_neck_depths``;
     crossct: ``interior_thresholds``, ``expand_pxs``, ``dark_field_neck_depths``, ``foreground_thresholds`` and
