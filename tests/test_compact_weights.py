@@ -64,6 +64,8 @@ def test_sources_of_different_networks_are_refused(tmp_path):
     torch.save({"w": torch.ones(3), "index": torch.arange(3)}, tmp_path / "b.pt")
     torch.save({"w": torch.ones(2), "index": torch.arange(1, 4)}, tmp_path / "c.pt")
     torch.save({"v": torch.ones(2), "index": torch.arange(3)}, tmp_path / "d.pt")
+    with pytest.raises(SystemExit, match="no source"):
+        _tool().compact_weights("[]", str(tmp_path / "x.pt"))
     for other, message in (("b", "w is"), ("c", "integer tensor index differs"), ("d", "different tensors")):
         with pytest.raises(SystemExit, match=message):
             _tool().compact_weights([str(tmp_path / "a.pt"), str(tmp_path / f"{other}.pt")], str(tmp_path / "x.pt"))

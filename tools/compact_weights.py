@@ -60,9 +60,12 @@ def compact_weights(source: str | list[str] | tuple[str, ...], target: str) -> N
     """Write ``source``'s tensor-only state dict (or the mean of several) to ``target`` with float tensors as float16.
 
     Raises:
-        SystemExit: a source is not a tensor-only state dict, the sources do not match, or a value does not fit float16.
+        SystemExit: no source, a source is not a tensor-only state dict, the sources do not match, or a value does
+            not fit float16.
     """
     sources = command_line_list(source)
+    if not sources:
+        raise SystemExit("compact_weights: no source checkpoint given")
     states = [load_state_dict(s) for s in sources]
     state = states[0] if len(states) == 1 else average_state_dicts(states, sources)
     compact = {}
