@@ -181,7 +181,7 @@ def plot(lines: list[dict], path: str | Path, title: str) -> Path:
     axes.set_ylabel("mean challenge F1")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: it never hides a setting
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
