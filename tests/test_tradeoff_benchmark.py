@@ -30,6 +30,29 @@ def test_recommended_is_the_fastest_within_the_tolerance_of_the_best():
     assert tool.recommended(seconds, f1, tolerance=0.0) == 0
 
 
+def test_plot_numbers_every_setting_and_names_those_off_the_front():
+    lines = [
+        {"setting": {}, "s_per_mpx": 1.0, "f1": 0.5, "default": True},
+        {"setting": {"overlap": 0.5}, "s_per_mpx": 2.0, "f1": 0.4, "default": False},  # beaten by the default
+        {"setting": {"roi_size": [320, 320]}, "s_per_mpx": 3.0, "f1": 0.6, "default": False},
+    ]
+    figure = tool.plot_figure(lines, "title")
+    axes = figure.axes[0]
+    annotations = [child.get_text() for child in axes.texts if hasattr(child, "xy")]
+    assert annotations == ["1: default", "2", "3: roi_size=[320, 320]"]
+    key = [child.get_text() for child in axes.texts if not hasattr(child, "xy")]
+    assert key == ["off the front:\n2: overlap=0.5"]
+    figure.canvas.draw()
+    ticks = {label.get_text() for label in axes.get_xticklabels(minor=True) + axes.get_xticklabels()} - {""}
+    assert {"1", "2", "3"} <= ticks and not any("times" in tick or "^" in tick for tick in ticks)
+
+
+def test_plain_log_ticks_label_every_tick_within_a_decade_and_fewer_across_decades():
+    narrow, wide = tool.plain_log_ticks(5.0, 25.0), tool.plain_log_ticks(1.0, 300.0)
+    assert [narrow(v, 0) for v in (6.0, 7.0, 10.0, 20.0)] == ["6", "7", "10", "20"]
+    assert [wide(v, 0) for v in (2.0, 3.0, 10.0, 50.0, 70.0)] == ["2", "", "10", "50", ""]
+
+
 def test_a_real_run_scores_as_the_bundle_evaluation_does(dev_dir, tmp_path, capsys):
     dataset = runs.folder_of_links(dev_dir, IMAGES, tmp_path / "labeled", with_labels=True)
     settings = [{}, {"postprocess": "distance"}]

@@ -156,8 +156,29 @@ def measure(bundle: str, items: list[dict[str, str]], overrides: dict[str, Any],
             "images": len(items), "per_image_f1": f1s}
 
 
-def plot(lines: list[dict], path: str | Path, title: str) -> Path:
-    """F1 against s/Mpx (log scale): every setting a dot, the front joined and labelled, the default circled."""
+def setting_name(setting: dict[str, Any]) -> str:
+    """A setting's overrides as ``key=value, ...``; ``default`` for none."""
+    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "default"
+
+
+def plain_log_ticks(low: float, high: float):
+    """A tick formatter for a log axis from ``low`` to ``high``: plain numbers (6, 10, 20), at every tick when the
+    axis spans less than a decade, else at mantissas 1, 2 and 5 only, so the labels never crowd."""
+    from matplotlib.ticker import FuncFormatter
+
+    mantissas = range(1, 10) if high < 10 * low else (1, 2, 5)
+
+    def label(value: float, _position: int) -> str:
+        mantissa = round(value / 10 ** np.floor(np.log10(value)), 6)
+        return f"{value:g}" if mantissa in mantissas else ""
+
+    return FuncFormatter(label)
+
+
+def plot_figure(lines: list[dict], title: str):
+    """The trade-off figure: F1 against s/Mpx (log scale), every setting a dot numbered as its JSON line (1 = the
+    first), the front joined and labelled by its settings, the default circled, and a key naming the settings
+    off the front. Returns the matplotlib figure; :func:`plot` saves it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,21 +190,37 @@ def plot(lines: list[dict], path: str | Path, title: str) -> Path:
     figure, axes = plt.subplots(figsize=(9, 6))
     axes.scatter(seconds, f1, color="0.6", zorder=2, label="setting")
     axes.plot([seconds[i] for i in front], [f1[i] for i in front], "-o", color="tab:blue", zorder=3, label="Pareto front")
-    for i in front:
-        name = ", ".join(f"{k}={v}" for k, v in lines[i]["setting"].items()) or "default"
-        axes.annotate(name, (seconds[i], f1[i]), textcoords="offset points", xytext=(5, 5), fontsize=7)
     for i, line in enumerate(lines):
+        if i in front:  # named above the point; the others numbered below it, so the two never overlap
+            axes.annotate(f"{i + 1}: {setting_name(line['setting'])}", (seconds[i], f1[i]), textcoords="offset points",
+                          xytext=(5, 5), fontsize=7)
+        else:
+            axes.annotate(str(i + 1), (seconds[i], f1[i]), textcoords="offset points", xytext=(4, -11), fontsize=7,
+                          color="0.35")
         if line["default"]:
             axes.scatter([seconds[i]], [f1[i]], s=250, facecolors="none", edgecolors="tab:red", linewidths=2,
                          zorder=4, label="shipped default")
     axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(plain_log_ticks(*axes.get_xlim()))
+    axes.xaxis.set_minor_formatter(plain_log_ticks(*axes.get_xlim()))
     axes.set_xlabel("seconds per megapixel (log scale)")
     axes.set_ylabel("mean challenge F1")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: it never hides a setting
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    off_front = [f"{i + 1}: {setting_name(line['setting'])}" for i, line in enumerate(lines) if i not in front]
+    if off_front:
+        axes.text(1.01, 0.0, "off the front:\n" + "\n".join(off_front), transform=axes.transAxes, fontsize=7,
+                  va="bottom", ha="left")
+    return figure
+
+
+def plot(lines: list[dict], path: str | Path, title: str) -> Path:
+    """Save :func:`plot_figure` of ``lines`` to ``path`` (PNG), the key and legend included."""
+    import matplotlib.pyplot as plt
+
+    figure = plot_figure(lines, title)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return Path(path)
 
