@@ -108,6 +108,26 @@ def initialized_workflow(bundle: Path, config: str, workflow_type: str, run_id: 
     return workflow
 
 
+def validation_and_inference_f1(bundle: Path, name: str, dev_dir: Path, unlabeled_dir: Path, names: list[str],
+                                folder: Path) -> tuple[float, float]:
+    """Mean challenge F1 of the shipped weights on the named dev images twice: by ``train.yaml``'s validator (a
+    datalist with them as its validation rows) and by the bundle's default inference (``tools/tradeoff_benchmark``'s
+    ``measure``, which scores as ``evaluate.yaml`` does)."""
+    dataset_dir = write_datalist(dev_dir, unlabeled_dir, folder / "data", ["dsb_0121d6759c5a.png"], names)
+    workflow = initialized_workflow(
+        bundle, "train.yaml", "train", run_id="training", dataset_dir=str(dataset_dir), run_dir=str(folder / "run"),
+        num_workers=0,
+    )  # fmt: skip
+    workflow.parser.get_parsed_content("network").load_state_dict(
+        torch.load(bundle / "models" / "model.pt", weights_only=True)
+    )
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    tradeoff = tool_module("tradeoff_benchmark")
+    items = tradeoff.folder_items(folder_of_links(dev_dir, names, folder / "labeled", with_labels=True))
+    return float(evaluator.state.metrics["val_f1"]), tradeoff.measure(name, items, {})["f1"]
+
+
 def parameters(network: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in network.parameters()]
 
