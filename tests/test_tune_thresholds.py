@@ -143,6 +143,24 @@ def test_training_validation_post_processes_like_the_shipped_inference(bundle, s
     assert {key: train[key] for key in settings} == {key: inference[key] for key in settings}
 
 
+@pytest.mark.parametrize(
+    "bundle, train_to_inference",
+    [
+        ("mt2", {"val_scales": "scales", "val_roi_size": "roi_size", "val_overlap": "overlap", "val_blend_mode": "blend_mode"}),
+        ("crossct", {"val_output": "network_output", "val_flips": "test_time_flips", "val_roi_size": "roi_size",
+                     "val_overlap": "overlap", "val_blend_mode": "blend_mode"}),
+    ],
+)  # fmt: skip
+def test_training_validation_infers_like_the_shipped_inference(bundle, train_to_inference):
+    # The in-training score selects model.pt: it is the shipped inference's score only with the same windows,
+    # scales, network output and flips (tests/test_*_bundle.py checks the F1 itself on two images).
+    bundle_dir = tool.TUNINGS[bundle].bundle_dir / "configs"
+    train, inference = (yaml.safe_load((bundle_dir / name).read_text()) for name in ("train.yaml", "inference.yaml"))
+    assert {key: train[key] for key in train_to_inference} == {
+        key: inference[name] for key, name in train_to_inference.items()
+    }
+
+
 def test_grids_take_json_and_what_fire_makes_of_it():
     assert tool._numbers("[null, 0.5, 16]") == [None, 0.5, 16]
     assert tool._numbers(["null", "None", 0.75, 2]) == [None, None, 0.75, 2]
