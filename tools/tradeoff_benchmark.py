@@ -190,25 +190,27 @@ def plot_figure(lines: list[dict], title: str):
     figure, axes = plt.subplots(figsize=(9, 6))
     axes.scatter(seconds, f1, color="0.6", zorder=2, label="setting")
     axes.plot([seconds[i] for i in front], [f1[i] for i in front], "-o", color="tab:blue", zorder=3, label="Pareto front")
+    off_front = []
     for i, line in enumerate(lines):
+        name = f"{i + 1}: {setting_name(line['setting'])}"
         if i in front:  # named above the point; the others numbered below it, so the two never overlap
-            axes.annotate(f"{i + 1}: {setting_name(line['setting'])}", (seconds[i], f1[i]), textcoords="offset points",
-                          xytext=(5, 5), fontsize=7)
+            axes.annotate(name, (seconds[i], f1[i]), textcoords="offset points", xytext=(5, 5), fontsize=7)
         else:
             axes.annotate(str(i + 1), (seconds[i], f1[i]), textcoords="offset points", xytext=(4, -11), fontsize=7,
                           color="0.35")
+            off_front.append(name)
         if line["default"]:
             axes.scatter([seconds[i]], [f1[i]], s=250, facecolors="none", edgecolors="tab:red", linewidths=2,
                          zorder=4, label="shipped default")
     axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(plain_log_ticks(*axes.get_xlim()))
-    axes.xaxis.set_minor_formatter(plain_log_ticks(*axes.get_xlim()))
+    low, high = axes.get_xlim()
+    axes.xaxis.set_major_formatter(plain_log_ticks(low, high))
+    axes.xaxis.set_minor_formatter(plain_log_ticks(low, high))
     axes.set_xlabel("seconds per megapixel (log scale)")
     axes.set_ylabel("mean challenge F1")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: it never hides a setting
-    off_front = [f"{i + 1}: {setting_name(line['setting'])}" for i, line in enumerate(lines) if i not in front]
     if off_front:
         axes.text(1.01, 0.0, "off the front:\n" + "\n".join(off_front), transform=axes.transAxes, fontsize=7,
                   va="bottom", ha="left")
