@@ -30,7 +30,7 @@ def test_recommended_is_the_fastest_within_the_tolerance_of_the_best():
     assert tool.recommended(seconds, f1, tolerance=0.0) == 0
 
 
-def test_plot_numbers_every_setting_and_names_those_off_the_front():
+def test_plot_numbers_every_setting_and_names_them_in_a_key_front_first():
     lines = [
         {"setting": {}, "s_per_mpx": 1.0, "f1": 0.5, "default": True},
         {"setting": {"overlap": 0.5}, "s_per_mpx": 2.0, "f1": 0.4, "default": False},  # beaten by the default
@@ -39,12 +39,25 @@ def test_plot_numbers_every_setting_and_names_those_off_the_front():
     figure = tool.plot_figure(lines, "title")
     axes = figure.axes[0]
     annotations = [child.get_text() for child in axes.texts if hasattr(child, "xy")]
-    assert annotations == ["1: default", "2", "3: roi_size=[320, 320]"]
+    assert annotations == ["1", "2", "3"]
     key = [child.get_text() for child in axes.texts if not hasattr(child, "xy")]
-    assert key == ["off the front:\n2: overlap=0.5"]
+    assert key == ["on the front, fastest first:\n1: default\n3: roi_size=[320, 320]\n\noff the front:\n2: overlap=0.5"]
     figure.canvas.draw()
     ticks = {label.get_text() for label in axes.get_xticklabels(minor=True) + axes.get_xticklabels()} - {""}
     assert {"1", "2", "3"} <= ticks and not any("times" in tick or "^" in tick for tick in ticks)
+
+
+def test_plot_circles_a_default_measured_twice_with_one_legend_entry():
+    lines = [
+        {"setting": {}, "s_per_mpx": 1.0, "f1": 0.5, "default": True},
+        {"setting": {"overlap": 0.5}, "s_per_mpx": 2.0, "f1": 0.6, "default": False},
+        {"setting": {}, "s_per_mpx": 1.2, "f1": 0.5, "default": True},  # the same setting again, timed later
+    ]
+    axes = tool.plot_figure(lines, "title").axes[0]
+    circles = [c for c in axes.collections if len(c.get_edgecolor()) and c.get_sizes()[0] == 250]
+    assert len(circles) == 2
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert legend.count("shipped default") == 1
 
 
 def test_plain_log_ticks_label_every_tick_within_a_decade_and_fewer_across_decades():

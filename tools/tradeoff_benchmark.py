@@ -177,8 +177,8 @@ def plain_log_ticks(low: float, high: float):
 
 def plot_figure(lines: list[dict], title: str):
     """The trade-off figure: F1 against s/Mpx (log scale), every setting a dot numbered as its JSON line (1 = the
-    first), the front joined and labelled by its settings, the default circled, and a key naming the settings
-    off the front. Returns the matplotlib figure; :func:`plot` saves it."""
+    first), the front joined (its numbers in blue), the default circled, and a key naming the settings on the front
+    (fastest first) and off it. Returns the matplotlib figure; :func:`plot` saves it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,18 +190,16 @@ def plot_figure(lines: list[dict], title: str):
     figure, axes = plt.subplots(figsize=(9, 6))
     axes.scatter(seconds, f1, color="0.6", zorder=2, label="setting")
     axes.plot([seconds[i] for i in front], [f1[i] for i in front], "-o", color="tab:blue", zorder=3, label="Pareto front")
-    off_front = []
+    names = [f"{i + 1}: {setting_name(line['setting'])}" for i, line in enumerate(lines)]
+    default_label = "shipped default"
     for i, line in enumerate(lines):
-        name = f"{i + 1}: {setting_name(line['setting'])}"
-        if i in front:  # named above the point; the others numbered below it, so the two never overlap
-            axes.annotate(name, (seconds[i], f1[i]), textcoords="offset points", xytext=(5, 5), fontsize=7)
-        else:
-            axes.annotate(str(i + 1), (seconds[i], f1[i]), textcoords="offset points", xytext=(4, -11), fontsize=7,
-                          color="0.35")
-            off_front.append(name)
+        # numbers only beside the points (names of nearby settings overlapped); the key below names them
+        axes.annotate(str(i + 1), (seconds[i], f1[i]), textcoords="offset points", xytext=(4, -11), fontsize=7,
+                      color="tab:blue" if i in front else "0.35")
         if line["default"]:
             axes.scatter([seconds[i]], [f1[i]], s=250, facecolors="none", edgecolors="tab:red", linewidths=2,
-                         zorder=4, label="shipped default")
+                         zorder=4, label=default_label)
+            default_label = None  # a grid that measures the default twice (to see the timing drift) has one entry
     axes.set_xscale("log")
     low, high = axes.get_xlim()
     axes.xaxis.set_major_formatter(plain_log_ticks(low, high))
@@ -211,9 +209,11 @@ def plot_figure(lines: list[dict], title: str):
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: it never hides a setting
+    key = "on the front, fastest first:\n" + "\n".join(names[i] for i in front)  # pareto_front's order
+    off_front = [name for i, name in enumerate(names) if i not in front]
     if off_front:
-        axes.text(1.01, 0.0, "off the front:\n" + "\n".join(off_front), transform=axes.transAxes, fontsize=7,
-                  va="bottom", ha="left")
+        key += "\n\noff the front:\n" + "\n".join(off_front)
+    axes.text(1.01, 0.0, key, transform=axes.transAxes, fontsize=7, va="bottom", ha="left")
     return figure
 
 
