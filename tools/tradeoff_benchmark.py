@@ -49,7 +49,9 @@ SETTINGS = {
         {"scales": [0.8, 1.0]},
         {"scales": [1.0, 1.2]},
         {"scales": [1.2]},
-        _override_file("mt2", "inference_fast.yaml"),  # one scale
+        _override_file("mt2", "inference_fast.yaml"),  # scales 0.8/1.2, overlap 0.125
+        {"scales": [0.8, 1.2]},
+        _MT2_SINGLE,
         {**_MT2_SINGLE, "overlap": 0.5},
         {**_MT2_SINGLE, "blend_mode": "constant"},
         {**_MT2_SINGLE, "test_time_flips": True},
