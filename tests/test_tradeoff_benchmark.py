@@ -66,6 +66,34 @@ def test_plain_log_ticks_label_every_tick_within_a_decade_and_fewer_across_decad
     assert [wide(v, 0) for v in (2.0, 3.0, 10.0, 50.0, 70.0)] == ["2", "", "10", "50", ""]
 
 
+def test_rounds_time_the_grid_pass_after_pass_and_report_each_settings_median(tmp_path, monkeypatch, capsys):
+    dataset = tmp_path / "labeled"
+    (dataset / "images").mkdir(parents=True)
+    (dataset / "labels").mkdir()
+    (dataset / "images" / "a.png").write_bytes(b"")  # never read: measure is replaced below
+    (dataset / "labels" / "a_label.tiff").write_bytes(b"")
+    # {}'s first timing is the untimed warm-up's
+    timings = {"{}": iter([9.0, 5.0, 9.0, 6.0]), '{"overlap": 0.5}': iter([3.0, 2.0, 4.0])}
+    calls = []
+
+    def fake_measure(bundle, items, overrides, checkpoint=None):
+        key = json.dumps(overrides)
+        calls.append(key)
+        return {"bundle": bundle, "setting": overrides, "default": not overrides, "f1": 0.5 if not overrides else 0.6,
+                "s_per_mpx": next(timings[key]), "images": len(items), "per_image_f1": {"a": 0.5}}
+
+    monkeypatch.setattr(tool, "measure", fake_measure)
+    tool.tradeoff("mt2", dataset_dir=str(dataset), settings='[{}, {"overlap": 0.5}]', output_dir=str(tmp_path),
+                  rounds=3)
+    assert calls == ["{}"] + ['{}', '{"overlap": 0.5}'] * 3  # the warm-up, then the whole grid pass after pass
+    lines = [json.loads(line) for line in (tmp_path / "tradeoff_mt2.jsonl").read_text().splitlines()]
+    assert [line["s_per_mpx_rounds"] for line in lines] == [[5.0, 9.0, 6.0], [3.0, 2.0, 4.0]]
+    assert [line["s_per_mpx"] for line in lines] == [6.0, 3.0]
+    assert [line["recommended"] for line in lines] == [False, True]
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()[:2]]
+    assert [line["s_per_mpx"] for line in printed] == [6.0, 3.0]
+
+
 def test_a_real_run_scores_as_the_bundle_evaluation_does(dev_dir, tmp_path, capsys):
     dataset = runs.folder_of_links(dev_dir, IMAGES, tmp_path / "labeled", with_labels=True)
     settings = [{}, {"postprocess": "distance"}]

@@ -6,7 +6,7 @@
     python tools/benchmark.py wsi [--size 10000] [--bundles mt2,crossct] [--threads N] [--overrides '{...}']
     python tools/benchmark.py training [--bundles mt2,crossct] [--steps 10] [--force_bf16]   (tools/training_benchmark.py)
     python tools/benchmark.py processes [--bundles mt2,crossct] [--counts 1,2] [--images 12]   (tools/process_benchmark.py)
-    python tools/benchmark.py tradeoff [--bundle mt2] [--dataset_dir D] [--settings '[{...}]'] [--output_dir O]   (tools/tradeoff_benchmark.py)
+    python tools/benchmark.py tradeoff [--bundle mt2] [--dataset_dir D] [--settings '[{...}]'] [--output_dir O] [--rounds 3]   (tools/tradeoff_benchmark.py)
 
 ``inference`` and ``wsi`` use the bundles' inference configs with their default settings and the shipped
 ``models/model.pt`` when there is one, else randomly initialized weights (speed and memory do not depend on them).

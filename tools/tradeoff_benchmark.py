@@ -4,7 +4,8 @@
 For every setting (a dict of ``inference.yaml`` overrides) the bundle's own preprocessing, inferer, weights and
 post-processing segment each labeled image; the time from reading the file to the instance label counts (the
 weights are loaded before the clock starts). F1 is the challenge F1 per image, averaged. All settings run in one
-process, one after another, on the same images: their speeds compare.
+process, one after another, on the same images: their speeds compare; ``--rounds N`` times the whole grid N times
+and reports each setting's median.
 
 The default images are the dev validation split of the model cards (``tools/make_datalist.py`` on cellseg-dev
 with ``--val_fraction 0.25 --seed 0`` and the open licences): 7 images.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -230,7 +232,7 @@ def plot(lines: list[dict], path: str | Path, title: str) -> Path:
 
 
 def tradeoff(bundle: str = "mt2", dataset_dir: str | None = None, settings: str | list | None = None,
-             output_dir: str = ".", checkpoint: str | None = None, images: int | None = None):
+             output_dir: str = ".", checkpoint: str | None = None, images: int | None = None, rounds: int = 1):
     """Score and time each setting of ``bundle`` on a labeled folder; write JSON lines and a plot.
 
     Args:
@@ -240,6 +242,9 @@ def tradeoff(bundle: str = "mt2", dataset_dir: str | None = None, settings: str 
         output_dir: where ``tradeoff_<bundle>.jsonl`` and ``tradeoff_<bundle>.png`` go.
         checkpoint: weights other than the bundle's ``models/model.pt``.
         images: use only the first N images.
+        rounds: time the whole grid this many times, one pass after another (settings 1..N, then again), and
+            report each setting's median s/Mpx with every pass's figure (``s_per_mpx_rounds``): on a shared 2-core
+            VM one pass's timings drift by 20-30 %, which a ratio between settings read from one pass inherits.
     """
     from common.workflows import command_line_json
 
@@ -250,13 +255,26 @@ def tradeoff(bundle: str = "mt2", dataset_dir: str | None = None, settings: str 
     grid = command_line_json(settings) if settings is not None else SETTINGS[bundle]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if rounds < 1:
+        raise SystemExit(f"tradeoff: rounds must be at least 1, got {rounds}")
     lines = []
     measure(bundle, items[:1], dict(grid[0]), checkpoint)  # untimed: one-time start-up costs are no setting's
-    for overrides in grid:
-        line = {"benchmark": "tradeoff", **measure(bundle, items, dict(overrides), checkpoint),
-                "threads": torch.get_num_threads()}
-        print(json.dumps(line), flush=True)
-        lines.append(line)
+    for round_index in range(rounds):
+        for i, overrides in enumerate(grid):
+            result = measure(bundle, items, dict(overrides), checkpoint)
+            if round_index == 0:
+                lines.append({"benchmark": "tradeoff", **result, "threads": torch.get_num_threads(),
+                              "s_per_mpx_rounds": []})
+            lines[i]["s_per_mpx_rounds"].append(result["s_per_mpx"])
+            if rounds == 1:
+                print(json.dumps(lines[i]), flush=True)
+            else:
+                print(f"round {round_index + 1}/{rounds}, setting {i + 1}/{len(grid)} "
+                      f"({setting_name(overrides)}): {result['s_per_mpx']} s/Mpx", file=sys.stderr, flush=True)
+    for line in lines:
+        line["s_per_mpx"] = round(float(np.median(line["s_per_mpx_rounds"])), 3)
+        if rounds > 1:
+            print(json.dumps(line), flush=True)
     seconds, f1 = [line["s_per_mpx"] for line in lines], [line["f1"] for line in lines]
     front, pick = pareto_front(seconds, f1), recommended(seconds, f1)
     for i, line in enumerate(lines):
