@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Sequence
 
 import torch
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
-__all__ = ["modality_weights", "BalancedModalitySampler"]
+__all__ = ["modality_weights", "BalancedModalitySampler", "DistributedBalancedModalitySampler"]
 
 
 def modality_weights(items: Sequence[dict], power: float = 0.5, key: str = "modality") -> torch.Tensor:
@@ -48,3 +49,38 @@ class BalancedModalitySampler(WeightedRandomSampler):
 
     def __init__(self, items: Sequence[dict], power: float = 0.5, num_samples: int | None = None):
         super().__init__(modality_weights(items, power), num_samples or len(items), replacement=True)
+
+
+class DistributedBalancedModalitySampler(DistributedSampler):
+    """:class:`BalancedModalitySampler` for a multi-process run: one epoch of balanced draws shared out among the
+    processes, so N processes together see what one process would (the same number of draws, the same modality
+    shares) instead of each drawing its share uniformly, as a plain ``DistributedSampler`` would.
+
+    Every rank draws the same ``num_samples`` entries (rounded up to a multiple of the ranks) from a generator seeded
+    with ``seed + epoch`` and keeps every ``num_replicas``-th from position ``rank`` on; MONAI's trainers call
+    ``set_epoch`` at each epoch, which changes the draws.
+
+    Args:
+        items: datalist entries, in the dataset's order.
+        power: see :func:`modality_weights`.
+        num_samples: draws per epoch of all ranks together; None = len(items).
+        num_replicas: the number of ranks; None = the process group's size.
+        rank: this process's rank; None = the process group's.
+        seed: the same on every rank.
+    """
+
+    def __init__(self, items: Sequence[dict], power: float = 0.5, num_samples: int | None = None,
+                 num_replicas: int | None = None, rank: int | None = None, seed: int = 0):
+        super().__init__(items, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.weights = modality_weights(items, power)
+        self.num_samples = math.ceil((num_samples or len(items)) / self.num_replicas)  # per rank
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
+        return iter(drawn[self.rank : self.total_size : self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

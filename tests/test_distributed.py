@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import bundle_runs as runs
 
+from common.sampling import DistributedBalancedModalitySampler
+
 TRAIN_IMAGES = ["dsb_0121d6759c5a.png", "phase_set02.tif", "stardist_img2d.tif", "dsb_9774c8239632.png"]
 VALIDATION_IMAGES = ["dsb_ff3e512b5fb8.png"]
 # per rank: 2 labeled images (DistributedSampler), batch 1 -> 2 iterations an epoch
@@ -92,8 +94,10 @@ def test_mean_teacher_on_two_ranks_keeps_student_and_ema_teacher_identical(dev_d
         "student": "@network.module.state_dict()",
         "teacher": "@teacher.state_dict()",
         "consistency": "@train#trainer.state.output[0]['loss_consistency']",
+        "drawn": "torch.tensor(list(@train#sampler))",  # this rank's share of the last epoch's labeled draws
     }
-    overrides = {**networks, "epochs": 2, "warmup_epochs": 1}
+    # the cards' commands set the epoch's draws (train.yaml's modality-balanced sampler): 4 here, 2 per rank
+    overrides = {**networks, "epochs": 2, "warmup_epochs": 1, "train#sampler#num_samples": 4}
     probe = run_two_ranks(bundle, "training", probed, overrides, dataset_dir, run_dir, tmp_path)
     weights, audits = rank_records(probe)
     assert_same(weights[0]["student"], weights[1]["student"])
@@ -105,6 +109,11 @@ def test_mean_teacher_on_two_ranks_keeps_student_and_ema_teacher_identical(dev_d
     # epoch 2 taught: a consistency loss on unlabeled images, and a teacher that follows the student by EMA
     assert all(math.isfinite(float(record["consistency"])) for record in weights)
     assert any(not torch.equal(t, s) for t, s in zip(checkpoint["teacher"].values(), checkpoint["model"].values()))
+    # the ranks drew their shares of one balanced epoch: together, the draws one process would make
+    training = json.loads((dataset_dir / "datalist.json").read_text())["training"]
+    one_process = DistributedBalancedModalitySampler(training, num_samples=4, num_replicas=1, rank=0)
+    one_process.set_epoch(2)
+    assert [int(i) for pair in zip(weights[0]["drawn"], weights[1]["drawn"]) for i in pair] == list(one_process)
     assert_only_rank_zero_wrote(run_dir, audits)
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from common.sampling import BalancedModalitySampler, modality_weights
+from common.sampling import BalancedModalitySampler, DistributedBalancedModalitySampler, modality_weights
 
 
 def _pool() -> list[dict]:
@@ -48,3 +48,24 @@ def test_the_sampler_draws_the_rare_modality_at_its_share():
     assert len(sampler) == 6000 and sum(drawn.values()) == 6000
     assert drawn["phase"] / 6000 == pytest.approx(2 / 12, abs=0.02)
     assert len(BalancedModalitySampler(items)) == len(items)
+
+
+def test_ranks_share_out_one_balanced_epoch_of_draws():
+    items = _pool()
+    ranks = [DistributedBalancedModalitySampler(items, num_samples=6001, num_replicas=2, rank=r, seed=3)
+             for r in (0, 1)]
+    shares = [list(sampler) for sampler in ranks]
+    assert [len(sampler) for sampler in ranks] == [3001, 3001] and [len(share) for share in shares] == [3001, 3001]
+    # the ranks' draws interleave into one sequence, the same on every rank, at the modalities' balanced shares
+    alone = list(DistributedBalancedModalitySampler(items, num_samples=6002, num_replicas=1, rank=0, seed=3))
+    assert [index for pair in zip(*shares) for index in pair] == alone
+    drawn = Counter(items[index]["modality"] for index in alone)
+    assert drawn["phase"] / len(alone) == pytest.approx(2 / 12, abs=0.02)
+    # set_epoch (MONAI's trainers call it each epoch) gives every rank the next epoch's draws
+    again = DistributedBalancedModalitySampler(items, num_samples=6001, num_replicas=2, rank=0, seed=3)
+    assert list(again) == shares[0]
+    again.set_epoch(1)
+    assert list(again) != shares[0]
+    assert len(DistributedBalancedModalitySampler(items, num_replicas=4, rank=3)) == 26  # default: one draw per item
+    with pytest.raises(ValueError, match="rank"):
+        DistributedBalancedModalitySampler(items, num_replicas=2, rank=2)
