@@ -7,6 +7,7 @@ whose message names the file, so a bad file in a data set of thousands is found 
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -44,6 +45,8 @@ MIN_SIDE = 2
 INT32_MAX = int(np.iinfo(np.int32).max)
 UINT32_MAX = int(np.iinfo(np.uint32).max)
 
+logger = logging.getLogger(__name__)
+
 # PIL modes whose pixels numpy can take as they are; any other mode is converted to RGB(A) first.
 _PIL_DIRECT_MODES = {"L", "LA", "RGB", "RGBA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
@@ -75,14 +78,44 @@ def _check_tiff_extent(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, 
             raise ImageReadError(f"{path}: file is truncated (pixel data ends at byte {max(ends)}, file has {size})")
 
 
+class _Collected(logging.Filter):
+    """A logger filter that keeps each record's message instead of letting it through."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+
+@contextmanager
+def _tifffile_messages() -> Iterator[list[str]]:
+    """What tifffile logs while a file is read, kept from its logger. It logs metadata it then works around at
+    ERROR level and without the path (a description whose shape is not the pages': "<tifffile.TiffFile 'x.tif'>
+    shaped series shape does not match page shape"); the reader reports them as warnings that name the file."""
+    collected = _Collected()
+    tifffile_logger = logging.getLogger("tifffile")
+    tifffile_logger.addFilter(collected)
+    try:
+        yield collected.messages
+    finally:
+        tifffile_logger.removeFilter(collected)
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
-    with tifffile.TiffFile(path) as tif:
+    with _tifffile_messages() as messages, tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise ImageReadError(f"{path}: TIFF holds no image data")
         # The first series at full resolution is the image; later series are thumbnails or pyramid levels.
         series = tif.series[0]
         _check_tiff_extent(tif, series, path)
-        return series.asarray(), series.axes
+        array, axes = series.asarray(), series.axes
+    for message in messages:
+        logger.warning("%s: tifffile says: %s; read as %s %s", path, message.split("> ", 1)[-1], axes,
+                       "x".join(map(str, array.shape)))
+    return array, axes
 
 
 def _read_png(path: Path) -> tuple[np.ndarray, str]:

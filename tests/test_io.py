@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -368,3 +369,16 @@ def test_load_microscopyd_missing_keys(tmp_path):
     assert data["image"].shape == (2, HEIGHT, WIDTH) and "label" not in data
     with pytest.raises(KeyError):
         LoadMicroscopyd()({"image": image_path})
+
+
+def test_a_tiff_whose_description_has_a_stale_shape_reads_its_pages_and_warns_by_name(tmp_path, caplog):
+    # as a crop saved with its original's description: tifffile logs an ERROR without the path and reads the pages
+    pixels = np.arange(12 * 16, dtype=np.uint16).reshape(12, 16)
+    path = tmp_path / "stale.tif"
+    tifffile.imwrite(path, pixels, description='{"shape": [24, 32]}', metadata=None)
+    with caplog.at_level(logging.WARNING):
+        image = read_image(path)
+    np.testing.assert_array_equal(image[0], pixels)
+    assert [record for record in caplog.records if record.name == "tifffile"] == []
+    ours = [record.getMessage() for record in caplog.records if record.name == "common.io"]
+    assert len(ours) == 1 and str(path) in ours[0] and ours[0].endswith("read as YX 12x16"), ours
