@@ -28,11 +28,14 @@ class ThroughputMonitor:
         skip_first: iterations at the start of each epoch left out of the figures (loader start-up, worker
             forks, the first batch of a fresh cache).
         log: log one line per epoch.
+        processes: ranks of a multi-process run, which step together on batches of this rank's size: patches
+            count all of them (every rank's step waits for the slowest at the gradient all-reduce).
     """
 
-    def __init__(self, skip_first: int = 1, log: bool = True):
+    def __init__(self, skip_first: int = 1, log: bool = True, processes: int = 1):
         self.skip_first = max(0, int(skip_first))
         self.log = log
+        self.processes = max(1, int(processes))
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -61,7 +64,7 @@ class ThroughputMonitor:
         done = time.perf_counter()
         unlabeled_wait = getattr(trainer, "unlabeled_wait_seconds", 0.0) - self._unlabeled_before
         self._iterations += 1
-        self._patches += self._batch_patches
+        self._patches += self._batch_patches * self.processes
         self._seconds += done - self._requested
         self._data_seconds += (self._arrived - self._requested) + unlabeled_wait
 

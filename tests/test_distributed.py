@@ -95,6 +95,7 @@ def test_mean_teacher_on_two_ranks_keeps_student_and_ema_teacher_identical(dev_d
         "teacher": "@teacher.state_dict()",
         "consistency": "@train#trainer.state.output[0]['loss_consistency']",
         "drawn": "torch.tensor(list(@train#sampler))",  # this rank's share of the last epoch's labeled draws
+        "patches": "torch.tensor(getattr(@train#trainer.state, 'throughput', {}).get('patches', -1))",
     }
     # the cards' commands set the epoch's draws (train.yaml's modality-balanced sampler): 4 here, 2 per rank
     overrides = {**networks, "epochs": 2, "warmup_epochs": 1, "train#sampler#num_samples": 4}
@@ -114,6 +115,8 @@ def test_mean_teacher_on_two_ranks_keeps_student_and_ema_teacher_identical(dev_d
     one_process = DistributedBalancedModalitySampler(training, num_samples=4, num_replicas=1, rank=0)
     one_process.set_epoch(2)
     assert [int(i) for pair in zip(weights[0]["drawn"], weights[1]["drawn"]) for i in pair] == list(one_process)
+    # rank 0 alone times the epochs, counting both ranks' patches: 2 steps, the first left out, batch 1 on each rank
+    assert [int(record["patches"]) for record in weights] == [2, -1]
     assert_only_rank_zero_wrote(run_dir, audits)
 
 

@@ -35,3 +35,10 @@ def test_data_wait_share_and_patch_rate_match_the_known_times(data_seconds, step
     expected_share = data_seconds / (data_seconds + step_seconds)
     assert figures["data_wait_share"] == pytest.approx(expected_share, abs=0.12)
     assert figures["patches_per_s"] == pytest.approx(3 / (data_seconds + step_seconds), rel=0.35)
+
+
+def test_a_multi_process_run_counts_the_patches_of_every_rank():
+    engine = Engine(lambda engine, batch: None)
+    ThroughputMonitor(skip_first=1, processes=2).attach(engine)
+    engine.run(_SlowLoader(4, 0.0), max_epochs=1)
+    assert engine.state.throughput["iterations"] == 3 and engine.state.throughput["patches"] == 18  # 3 steps x 3 x 2

@@ -13,6 +13,8 @@ Presets:
 - ``current``: the shipped training settings: batch 4, every core, a zoom region around the patch, ``amp: auto``.
 - ``bf16``: ``current`` with ``amp: true``; skipped unless the CPU runs bfloat16 natively or ``force_bf16`` is set
   (emulated bfloat16 is many times slower than float32).
+- ``processes``: ``current`` as two single-thread processes (``torchrun``, the bundle's ``multi_gpu_train.yaml``)
+  with batch 2 each, the same 4 patches a step; on a 2-core CPU processes use the cores better than threads.
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ PHASES = {
 BUNDLE_DIRS = {"mt2": "mt2_cell_segmentation", "crossct": "crossct_cell_segmentation"}
 # the network sizes of the shipped weights
 NETWORKS = {"mt2": {"features": [16, 16, 32, 64, 128, 16]}, "crossct": {"unet_features": [16, 16, 32, 64, 128, 16]}}
+# batch_size is per process
+_SHIPPED = {"threads": None, "num_workers": None, "whole_image_zoom": False, "processes": 1}
 PRESETS = {
-    "previous": {"batch_size": 2, "threads": 1, "num_workers": 1, "whole_image_zoom": True, "amp": False},
-    "current": {"batch_size": 4, "threads": None, "num_workers": None, "whole_image_zoom": False, "amp": "auto"},
-    "bf16": {"batch_size": 4, "threads": None, "num_workers": None, "whole_image_zoom": False, "amp": True},
+    "previous": {"batch_size": 2, "threads": 1, "num_workers": 1, "whole_image_zoom": True, "amp": False,
+                 "processes": 1},
+    "current": {**_SHIPPED, "batch_size": 4, "amp": "auto"},
+    "bf16": {**_SHIPPED, "batch_size": 4, "amp": True},
+    "processes": {**_SHIPPED, "batch_size": 2, "threads": 1, "amp": "auto", "processes": 2},
 }
 
 
@@ -85,21 +91,24 @@ def training_case(bundle: str, phase: str, preset: str, steps: int = 10, dataset
             "pretrain_epochs": 1,
             "val_interval": 1000,
             "amp": settings["amp"],
-            "train#sampler#num_samples": settings["batch_size"] * (steps + 1),
+            "train#sampler#num_samples": settings["batch_size"] * settings["processes"] * (steps + 1),
         }
         if settings["num_workers"] is not None:
             overrides["num_workers"] = settings["num_workers"]
         if settings["whole_image_zoom"]:
             overrides["geometry#0#roi_size"] = [1_000_000, 1_000_000]  # the region crop keeps the whole image
-        workflow = ConfigWorkflow(
-            config_file=str(root / "configs" / "train.yaml"), workflow_type="train", bundle_root=str(root), **overrides
-        )
+        configs = [str(root / "configs" / "train.yaml")]
+        if settings["processes"] > 1:  # run under torchrun by training()
+            configs.append(str(root / "configs" / "multi_gpu_train.yaml"))
+        workflow = ConfigWorkflow(config_file=configs, workflow_type="train", bundle_root=str(root), **overrides)
         workflow.initialize()
         trainer_id = "pretrain#trainer" if entry == "pretraining" else "train#trainer"
         trainer = workflow.parser.get_parsed_content(trainer_id)
         trainer.run()
-        figures = dict(trainer.state.throughput)
+        figures = dict(getattr(trainer.state, "throughput", {}))  # rank 0's monitor counts every rank's patches
         workflow.finalize()
+    if not figures:  # a rank other than 0
+        return {}
     dtype = autocast_dtype(settings["amp"], "cpu")
     line = {
         "benchmark": "training",
@@ -109,6 +118,7 @@ def training_case(bundle: str, phase: str, preset: str, steps: int = 10, dataset
         "precision": str(dtype).replace("torch.", "") if dtype else "float32",
         "threads": torch.get_num_threads(),
         "batch_size": settings["batch_size"],
+        "processes": settings["processes"],
         "steps_per_s": round(figures["steps_per_s"], 4),
         "patches_per_s": round(figures["patches_per_s"], 3),
         "data_wait_share": round(figures["data_wait_share"], 4),
@@ -136,18 +146,37 @@ def training(bundles: str = "mt2,crossct", steps: int = 10, force_bf16: bool = F
                     print(json.dumps({"benchmark": "training", "bundle": bundle, "phase": phase, "preset": preset,
                                       "skipped": "this CPU has no native bfloat16 (amp auto runs float32 here)"}), flush=True)
                     continue
-                command = [sys.executable, __file__, bundle, phase, preset, "--steps", str(steps), "--dataset_dir", str(data)]
-                done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+                command = [sys.executable, __file__, bundle, phase, preset, "--steps", str(steps),
+                           "--dataset_dir", str(data)]
+                environment = None
+                processes = PRESETS[preset]["processes"]
+                if processes > 1:
+                    command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+                    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+                done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment)
                 lines = [line for line in done.stdout.splitlines() if line.startswith('{"benchmark"')]
                 if done.returncode != 0 or not lines:
                     raise RuntimeError(f"{bundle} {phase} {preset} failed:\n{done.stderr[-3000:]}")
                 results[preset] = json.loads(lines[-1])
                 print(lines[-1], flush=True)
             if "previous" in results and "current" in results:
-                ratio = results["current"]["patches_per_s"] / max(results["previous"]["patches_per_s"], 1e-9)
-                print(json.dumps({"benchmark": "training", "bundle": bundle, "phase": phase,
-                                  "patches_per_s_ratio_current_vs_previous": round(ratio, 2),
+                previous = max(results["previous"]["patches_per_s"], 1e-9)
+                ratios = {}
+                for name in ("current", "processes"):
+                    if name in results:
+                        ratios[f"patches_per_s_ratio_{name}_vs_previous"] = round(
+                            results[name]["patches_per_s"] / previous, 2)
+                print(json.dumps({"benchmark": "training", "bundle": bundle, "phase": phase, **ratios,
                                   "data_wait_share_current": results["current"]["data_wait_share"]}), flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":
