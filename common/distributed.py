@@ -2,14 +2,17 @@
 gathering of per-process results. Without an initialized process group every function acts as for a single
 process (rank 0 of 1), so the same code serves one process and many.
 
-The bundles' ``multi_gpu_*.yaml`` configs call these. Training shards with MONAI's padded
-``DistributedSampler``; inference shards with :class:`ShardSampler`, which never repeats an item (an image
-segmented twice would be written twice) and accepts fewer items than processes.
+The bundles' ``multi_gpu_*.yaml`` configs call these. Training shares out its labeled draws with
+:class:`common.sampling.DistributedBalancedModalitySampler` and the rest with MONAI's padded ``DistributedSampler``;
+inference shards with :class:`ShardSampler`, which never repeats an item (an image segmented twice would be written
+twice) and accepts fewer items than processes. :func:`torchrun_launcher` starts such a job from a tool.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from typing import Any
 
 import torch
@@ -23,6 +26,8 @@ __all__ = [
     "rank_and_world_size",
     "gather_lists",
     "ShardSampler",
+    "free_port",
+    "torchrun_launcher",
 ]
 
 
@@ -93,3 +98,17 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world_size))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous or a local server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_launcher(processes: int) -> list[str]:
+    """The command that starts ``processes`` copies of a program on this machine under torchrun, its rendezvous on
+    a free local port; the program (a script, or ``-m module``) and its arguments follow."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]

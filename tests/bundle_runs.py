@@ -6,12 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from common.distributed import free_port  # noqa: F401  (the tests' rendezvous and server ports)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,12 +69,6 @@ finally:
     with open(os.path.join(probe, f"writes_rank{os.environ['RANK']}.json"), "w") as handle:
         json.dump(record, handle)
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_datalist(dev_dir: Path, unlabeled_dir: Path, folder: Path, training: list[str], validation: list[str]) -> Path:

@@ -15,12 +15,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import bundle_runs as runs
 
+from common.distributed import torchrun_launcher
 from common.sampling import DistributedBalancedModalitySampler
 
 TRAIN_IMAGES = ["dsb_0121d6759c5a.png", "phase_set02.tif", "stardist_img2d.tif", "dsb_9774c8239632.png"]
@@ -50,8 +50,7 @@ def run_two_ranks(bundle: Path, run_id: str, probed: dict, overrides: dict, data
     launcher.write_text(runs.WRITE_AUDIT_LAUNCHER)
     config_files = [str(configs / "train.yaml"), str(configs / "multi_gpu_train.yaml"), str(probe_config)]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(runs.free_port()), str(launcher), str(run_dir), str(probe),
+        *torchrun_launcher(2), str(launcher), str(run_dir), str(probe),
         "run", run_id, "--config_file", repr(config_files),
         "--dataset_dir", str(dataset_dir), "--run_dir", str(run_dir), *runs.override_arguments({**TINY, **overrides}),
     ]  # fmt: skip

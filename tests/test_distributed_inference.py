@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import bundle_runs as runs
+
+from common.distributed import torchrun_launcher
 
 IMAGES = ["dsb_0121d6759c5a.png", "dsb_1c8b905c9519.png", "dsb_52a6b8ae4c8e.png", "dsb_54793624413c.png", "dsb_55f98f43c152.png"]
 UNREADABLE = "broken.png"  # sorts first: rank 0 meets it, rank 1 only hears of it
@@ -26,10 +27,7 @@ def torchrun(arguments: list[str], folder: Path, audit: Path | None = None) -> s
         probe = folder / "probe"
         probe.mkdir()
         launch = [str(launcher), str(audit), str(probe)]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(runs.free_port()), *launch, *arguments,
-    ]  # fmt: skip
+    command = [*torchrun_launcher(2), *launch, *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=600)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,20 +23,15 @@ SHARED_DATA = Path(os.environ.get("CELLSEG_SHARED_DATA", REPO.parent / "shared" 
 BUNDLE_DIRS = {"mt2": "mt2_cell_segmentation", "crossct": "crossct_cell_segmentation"}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _command(bundle: str, processes: int, images: Path, output: Path) -> list[str]:
+    from common.distributed import torchrun_launcher
+
     configs = REPO / "bundles" / BUNDLE_DIRS[bundle] / "configs"
     config_files = [str(configs / "inference.yaml")]
     launch = [sys.executable, "-m", "monai.bundle"]
     if processes > 1:
         config_files.append(str(configs / "multi_gpu_inference.yaml"))
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                  "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "monai.bundle"]
+        launch = [*torchrun_launcher(processes), "-m", "monai.bundle"]
     return [*launch, "run", "inference", "--config_file", repr(config_files), "--dataset_dir", str(images),
             "--output_dir", str(output), "--write_overlays", "false"]
 

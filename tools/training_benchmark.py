@@ -131,6 +131,7 @@ def training_case(bundle: str, phase: str, preset: str, steps: int = 10, dataset
 def training(bundles: str = "mt2,crossct", steps: int = 10, force_bf16: bool = False):
     """Every phase of ``bundles`` under each preset, each in its own process; then, per phase, the ratio of the
     current settings' patches/s to the previous ones'."""
+    from common.distributed import torchrun_launcher
     from common.precision import cpu_has_native_bfloat16
 
     wanted = [name.strip() for name in (bundles.split(",") if isinstance(bundles, str) else bundles)]
@@ -151,8 +152,7 @@ def training(bundles: str = "mt2,crossct", steps: int = 10, force_bf16: bool = F
                 environment = None
                 processes = PRESETS[preset]["processes"]
                 if processes > 1:
-                    command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+                    command[:1] = torchrun_launcher(processes)
                     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
                 done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment)
                 lines = [line for line in done.stdout.splitlines() if line.startswith('{"benchmark"')]
@@ -169,14 +169,6 @@ def training(bundles: str = "mt2,crossct", steps: int = 10, force_bf16: bool = F
                             results[name]["patches_per_s"] / previous, 2)
                 print(json.dumps({"benchmark": "training", "bundle": bundle, "phase": phase, **ratios,
                                   "data_wait_share_current": results["current"]["data_wait_share"]}), flush=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":
