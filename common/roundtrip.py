@@ -23,15 +23,23 @@ def mt2_roundtrip(
     neck_depth: float = 0.0,
     dark_field_neck_depth: float | None = None,
     dark_field: bool = False,
+    foreground_threshold: float | None = None,
     **watershed_settings,
 ) -> np.ndarray:
     """MT² cell and boundary heat-maps -> MT² watershed (``watershed_settings`` passed to
     :func:`common.postprocess.mt2_watershed`), its seeds split at ``dark_field_neck_depth`` when ``dark_field``
-    (the label's image is dark-field) and that is set, else at ``neck_depth``, as ``MT2Watershedd`` does;
-    (H, W) int32 instances."""
+    (the label's image is dark-field) and that is set, else at ``neck_depth``, and on an image that is not
+    dark-field its instances grown into the 3-class map's foreground (one-hot) when ``foreground_threshold`` is
+    set, as ``MT2Watershedd`` does; (H, W) int32 instances."""
     cell, boundary = mt2_heatmaps(label)
     depth = neck_depth_for(dark_field, neck_depth, dark_field_neck_depth)
-    return mt2_watershed(cell, boundary, neck_depth=depth, **watershed_settings)
+    if foreground_threshold is None or dark_field:
+        return mt2_watershed(cell, boundary, neck_depth=depth, **watershed_settings)
+    foreground = (three_class_map(label) > 0).astype(np.float32)
+    return mt2_watershed(
+        cell, boundary, neck_depth=depth, foreground_prob=foreground, foreground_threshold=foreground_threshold,
+        **watershed_settings,
+    )
 
 
 def crossct_roundtrip(

@@ -347,3 +347,52 @@ def test_crossct_foreground_growth_applies_to_images_that_are_not_dark_field():
         transform({"pred": logits})
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         crossct_instances(classes[1], False)
+
+
+def test_mt2_watershed_grows_into_the_foreground_when_asked():
+    """Two touching cells whose boundary heat-map fires on a 3 px band inside each outline, as on images unlike the
+    training ones: the energy mask holds only the inner discs; grown into the 3-class foreground each instance
+    takes back its whole cell, and the two meet where the foreground dips between them."""
+    label = two_touching_discs()
+    cells = label > 0
+    inner = np.zeros_like(cells)
+    for instance in (1, 2):
+        inner |= ndi.binary_erosion(label == instance, iterations=3)
+    cell = cells.astype(np.float32)
+    boundary = (cells & ~inner).astype(np.float32)
+    foreground = gaussian(cells.astype(np.float32), 1.0)
+    thin = mt2_watershed(cell, boundary, min_seed_size=16)
+    grown = mt2_watershed(cell, boundary, min_seed_size=16, foreground_prob=foreground, foreground_threshold=0.5)
+    assert np.array_equal(thin > 0, inner)
+    assert sorted(np.unique(grown)) == [0, 1, 2]
+    assert iou(grown > 0, cells) > 0.95
+    for instance in (1, 2):
+        assert max(iou(grown == k, label == instance) for k in (1, 2)) > 0.9
+        assert max(iou(thin == k, label == instance) for k in (1, 2)) < 0.8
+    with pytest.raises(ValueError, match="no foreground_prob"):
+        mt2_watershed(cell, boundary, foreground_threshold=0.5)
+
+
+def test_mt2_foreground_growth_applies_to_images_that_are_not_dark_field():
+    """The wrapper grows a bright-field image's instance into ``1 - background`` (logits through a softmax over the
+    classes) and leaves a dark-field image's at the energy mask."""
+    shape = (48, 48)
+    cells = disc(shape, (24, 24), 12)
+    inner = disc(shape, (24, 24), 8)
+    logits = torch.full((5, *shape), -10.0)
+    logits[:3] = _class_logits(inner, cells)
+    logits[3][torch.from_numpy(cells)] = 10.0  # cell head
+    logits[4][torch.from_numpy(cells & ~inner)] = 10.0  # boundary head on a 4 px band
+    dark_image = torch.from_numpy(np.stack([cells.astype(np.float32)] * 3))
+    transform = MT2Watershedd(keys="pred", sigmoid=True, min_seed_size=16, foreground_threshold=0.5)
+    bright = np.asarray(transform({"pred": logits, "image": 1.0 - dark_image})["pred"][0])
+    dark = np.asarray(transform({"pred": logits, "image": dark_image})["pred"][0])
+    assert np.array_equal(bright > 0, cells)
+    assert np.array_equal(dark > 0, inner)
+    probabilities = torch.cat([torch.softmax(logits[:3], 0), torch.sigmoid(logits[3:])]).numpy()
+    from_probabilities = MT2Watershedd(keys="pred", min_seed_size=16, foreground_threshold=0.5)
+    assert np.array_equal(np.asarray(from_probabilities({"pred": probabilities, "image": 1.0 - dark_image})["pred"][0]), bright)
+    without = MT2Watershedd(keys="pred", sigmoid=True, min_seed_size=16)({"pred": logits})  # no image needed
+    assert np.array_equal(np.asarray(without["pred"][0]) > 0, inner)
+    with pytest.raises(KeyError, match="MT2Watershedd with foreground_threshold reads .* under 'image'"):
+        transform({"pred": logits})

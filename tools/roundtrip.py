@@ -2,7 +2,7 @@
 against the label with the challenge F1. The MT² watershed and the CrossCT interior components use the settings of
 their bundle's inference config (what ships): MT²'s seeds and CrossCT's interior components are split at
 ``dark_field_neck_depth`` where the label's image (``images/<name>.*``, after MT²'s preprocessing) is dark-field
-(MT²'s seeds at ``neck_depth`` elsewhere), and CrossCT's components of the other images grow into the foreground
+(MT²'s seeds at ``neck_depth`` elsewhere), and both bundles' instances of the other images grow into the foreground
 (``foreground_threshold``), as the bundles do; CrossCT's distance-map watershed (``postprocess:
 distance``) its defaults. It measures what the target/post-processing pair alone loses, before any network.
 
@@ -26,7 +26,8 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SHIPPED_SETTINGS = {
     "mt2": (
         BUNDLES / "mt2_cell_segmentation",
-        ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth", "dark_field_neck_depth"),
+        ("cell_threshold", "seed_threshold", "min_seed_size", "neck_depth", "dark_field_neck_depth",
+         "foreground_threshold"),
     ),
     "crossct": (
         BUNDLES / "crossct_cell_segmentation",

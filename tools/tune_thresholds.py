@@ -2,7 +2,8 @@
 
     python tools/tune_thresholds.py --dataset_dir VAL [--checkpoint model.pt] [--cell_thresholds "[0.2,0.3,0.4,0.5]"]
         [--seed_thresholds "[0.4,0.5,0.6,0.7,0.8]"] [--min_seed_sizes "[16,32]"] [--neck_depths "[0,1,1.5,2,3]"]
-        [--dark_field_neck_depths "[0.5,0.75,1]"] [--overrides "{...}"] [--max_objects_per_cell 1.5] [--modalities MODALITIES_CSV]
+        [--dark_field_neck_depths "[0.5,0.75,1]"] [--foreground_thresholds "[null,0.4,0.5]"] [--overrides "{...}"]
+        [--max_objects_per_cell 1.5] [--modalities MODALITIES_CSV]
     python tools/tune_thresholds.py --bundle crossct --dataset_dir VAL [--checkpoint model.pt]
         [--interior_thresholds "[0.4,0.5,0.6,0.65,0.7,0.75]"] [--expand_pxs "[0,1,2,3]"]
         [--dark_field_neck_depths "[null,0.5]"] [--foreground_thresholds "[null,0.4,0.5]"]
@@ -12,7 +13,9 @@ The network runs once per image with the bundle's own ``configs/inference.yaml``
 ``--overrides`` changes any of its settings, e.g. CrossCT's ``network_output``); then every combination of the
 bundle's settings is applied to the stored maps and scored with the challenge F1. MT²: ``cell_threshold``,
 ``seed_threshold``, ``min_seed_size``, ``neck_depth`` and ``dark_field_neck_depth`` (the neck depth of the images
-``common.intensity.is_dark_field`` calls dark-field; null: ``neck_depth`` for all) of its watershed; CrossCT: ``interior_threshold``,
+``common.intensity.is_dark_field`` calls dark-field; null: ``neck_depth`` for all) of its watershed, and
+``foreground_threshold`` (the other images' instances grow into ``1 - background`` above it; null: they do not);
+CrossCT: ``interior_threshold``,
 ``expand_px``, ``dark_field_neck_depth`` (the depth at which the interior components of dark-field images are
 split; null: none split), ``foreground_threshold`` and ``foreground_min_size`` (the other images' components, of
 at least that size, null: 16, grow into ``1 - background`` above that threshold instead of by ``expand_px``;
@@ -68,9 +71,11 @@ class _Tuning(NamedTuple):
 TUNINGS = {
     "mt2": _Tuning(
         BUNDLES / "mt2_cell_segmentation",
-        lambda output: output[0, 3:5].float().cpu().numpy(),  # cell and boundary probabilities
-        lambda maps, dark_field, neck_depth, dark_field_neck_depth, **setting: mt2_watershed(
-            *maps, neck_depth=neck_depth_for(dark_field, neck_depth, dark_field_neck_depth), **setting
+        lambda output: output[0, [0, 3, 4]].float().cpu().numpy(),  # background, cell, boundary probabilities
+        lambda maps, dark_field, neck_depth, dark_field_neck_depth, foreground_threshold, **setting: mt2_watershed(
+            maps[1], maps[2], neck_depth=neck_depth_for(dark_field, neck_depth, dark_field_neck_depth),
+            foreground_prob=1.0 - maps[0], foreground_threshold=None if dark_field else foreground_threshold,
+            **setting,
         ),
         # a seed threshold below the mask threshold makes seeds outside the mask
         lambda setting: setting["seed_threshold"] >= setting["cell_threshold"],
@@ -149,7 +154,8 @@ def tune(
     foreground_thresholds="[null, 0.4, 0.5]",
     foreground_min_sizes="[null, 48, 64]",
 ) -> dict | None:
-    """Score every setting combination of ``bundle`` (mt2: the first four grids and ``dark_field_neck_depths``;
+    """Score every setting combination of ``bundle`` (mt2: the first four grids, ``dark_field_neck_depths`` and
+    ``foreground_thresholds``;
     crossct: ``interior_thresholds``, ``expand_pxs``, ``dark_field_neck_depths``, ``foreground_thresholds`` and
     ``foreground_min_sizes``); print JSON
     lines and return the best: the highest mean F1 among the combinations that give no image more than
@@ -161,7 +167,8 @@ def tune(
     tuning = TUNINGS[bundle]
     grids = {
         "mt2": dict(cell_threshold=cell_thresholds, seed_threshold=seed_thresholds, min_seed_size=min_seed_sizes,
-                    neck_depth=neck_depths, dark_field_neck_depth=dark_field_neck_depths),
+                    neck_depth=neck_depths, dark_field_neck_depth=dark_field_neck_depths,
+                    foreground_threshold=foreground_thresholds),
         "crossct": dict(interior_threshold=interior_thresholds, expand_px=expand_pxs,
                         dark_field_neck_depth=dark_field_neck_depths, foreground_threshold=foreground_thresholds,
                         foreground_min_size=foreground_min_sizes),
