@@ -47,18 +47,22 @@ def test_every_combination_is_scored_and_the_best_is_the_highest(tmp_path, dev_d
     overrides = {"features": FEATURES, "roi_size": [64, 64], "scales": [1.0]}
     best = tool.tune(
         str(tmp_path / "val"), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.2, 0.5]", "[16]", "[0, 2]", json.dumps(overrides),
-        dark_field_neck_depths="[null, 0.5]",
+        dark_field_neck_depths="[null, 0.5]", foreground_thresholds="[null, 0.5]",
     )
     lines = _printed_lines(capsys)
     combos = [line for line in lines if "best" not in line]
     # (0.3, 0.2) is skipped: a seed threshold below the mask threshold makes seeds outside the mask
-    settings = [(c["cell_threshold"], c["seed_threshold"], c["neck_depth"], c["dark_field_neck_depth"]) for c in combos]
+    settings = [(c["cell_threshold"], c["seed_threshold"], c["neck_depth"], c["dark_field_neck_depth"],
+                 c["foreground_threshold"]) for c in combos]
     assert settings == [
-        (cell, seed, neck, dark)
+        (cell, seed, neck, dark, grow)
         for cell, seed in ((0.0, 0.2), (0.0, 0.5), (0.3, 0.5)) for neck in (0, 2) for dark in (None, 0.5)
+        for grow in (None, 0.5)
     ]
-    # dsb_52a6b8ae4c8e is stained tissue, not dark-field: its neck depth is neck_depth whatever the dark-field one
-    for line, twin in zip(combos[::2], combos[1::2]):
+    by_setting = {setting: line for setting, line in zip(settings, combos)}
+    for (cell, seed, neck, dark, grow), line in by_setting.items():
+        # dsb_52a6b8ae4c8e is stained tissue, not dark-field: its neck depth is neck_depth whatever the dark-field one
+        twin = by_setting[(cell, seed, neck, 0.5 if dark is None else None, grow)]
         assert line["per_image_f1"]["dsb_52a6b8ae4c8e"] == twin["per_image_f1"]["dsb_52a6b8ae4c8e"]
     for line in combos:
         assert set(line["per_image_f1"]) == {name.rsplit(".", 1)[0] for name in IMAGES}
@@ -67,6 +71,20 @@ def test_every_combination_is_scored_and_the_best_is_the_highest(tmp_path, dev_d
     within = [line for line in combos if line["max_objects_per_cell"] <= 1.5]
     assert best == (max(within, key=lambda line: line["mean_f1"]) if within else None)
     assert lines[-1] == {"best": best}
+
+
+def test_mt2_foreground_growth_moves_only_the_image_that_is_not_dark_field(tmp_path, dev_dir, capsys):
+    """With the shipped network and watershed (one scale, to be quick), growing into the 3-class foreground changes
+    the stained-tissue tile's F1 and leaves the dark-field fluorescence tile's as it is."""
+    val = _validation_folder(tmp_path, dev_dir)
+    tool.tune(
+        str(val), None, "[0.45]", "[0.8]", "[32]", "[2]", json.dumps({"scales": [1.0]}),
+        dark_field_neck_depths="[0.75]", foreground_thresholds="[null, 0.5]",
+    )
+    thin, grown = (line for line in _printed_lines(capsys) if "best" not in line)
+    assert (thin["foreground_threshold"], grown["foreground_threshold"]) == (None, 0.5)
+    assert grown["per_image_f1"]["dsb_9774c8239632"] == thin["per_image_f1"]["dsb_9774c8239632"] > 0.5
+    assert grown["per_image_f1"]["dsb_52a6b8ae4c8e"] != thin["per_image_f1"]["dsb_52a6b8ae4c8e"]
 
 
 def test_with_modalities_the_best_reaches_the_classical_baseline_on_every_modality(tmp_path, dev_dir, capsys):
@@ -80,6 +98,7 @@ def test_with_modalities_the_best_reaches_the_classical_baseline_on_every_modali
     best = tool.tune(
         str(val), str(tmp_path / "model.pt"), "[0.0, 0.3]", "[0.5]", "[16]", "[0, 2]", json.dumps(overrides),
         max_objects_per_cell=None, modalities=str(tmp_path / "modalities.csv"), dark_field_neck_depths="[null]",
+        foreground_thresholds="[null]",
     )
     lines = _printed_lines(capsys)
     floor = lines[0]["classical_per_modality_f1"]
