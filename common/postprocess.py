@@ -3,7 +3,8 @@
 Three recipes, each an array function plus a dictionary wrapper:
 
 - :func:`mt2_watershed` — MT²: watershed of ``cell - boundary`` from thresholded seeds (optionally split where
-  they narrow, :func:`split_at_necks`).
+  they narrow, :func:`split_at_necks`, and grown into the predicted foreground, :func:`grow_into_foreground`);
+  :func:`mt2_instances` picks its settings by the kind of image.
 - :func:`interior_components` — the organizers' baseline used by CrossCT: connected components of the
   thresholded interior probability (optionally grown into the predicted foreground, :func:`grow_into_foreground`);
   :func:`crossct_instances` picks its settings by the kind of image.
@@ -29,6 +30,7 @@ from common.intensity import is_dark_field
 
 __all__ = [
     "mt2_watershed",
+    "mt2_instances",
     "split_at_necks",
     "neck_depth_for",
     "grow_into_foreground",
@@ -193,6 +195,44 @@ def mt2_watershed(
     if foreground_threshold is not None:
         labels = grow_into_foreground(labels, foreground_prob, foreground_threshold)
     return labels
+
+
+def mt2_instances(
+    cell_prob,
+    boundary_prob,
+    dark_field: bool = False,
+    foreground_prob=None,
+    cell_threshold: float = 0.3,
+    seed_threshold: float = 0.8,
+    min_seed_size: int = 64,
+    neck_depth: float = 0.0,
+    dark_field_neck_depth: float | None = None,
+    foreground_threshold: float | None = None,
+) -> np.ndarray:
+    """MT²'s post-processing of one image: :func:`mt2_watershed` with the settings of its kind of image.
+
+    - Dark-field images (:func:`common.intensity.is_dark_field`: fluorescence): seeds split at necks of
+      ``dark_field_neck_depth`` (when set, else ``neck_depth``), instances end at the energy mask.
+    - Other images: seeds split at ``neck_depth``; with ``foreground_threshold`` set the instances then grow into
+      ``foreground_prob > foreground_threshold``. On the validation split's fluorescence images the growth lowered
+      F1, so dark-field images keep the energy mask (MT²'s docs/README.md, "Grown into the foreground").
+
+    Args:
+        cell_prob, boundary_prob: (H, W) heat-map probabilities, as :func:`mt2_watershed`.
+        dark_field: whether the image is dark-field.
+        foreground_prob: (H, W) probability of a cell pixel (``1 - background`` of the 3-class head); read only
+            when the image grows.
+        the rest: as :func:`mt2_watershed`; ``dark_field_neck_depth`` as :func:`neck_depth_for`.
+
+    Returns:
+        (H, W) int32 instance labels, 0 = background, ids 1..n.
+    """
+    grow = foreground_threshold is not None and not dark_field
+    return mt2_watershed(
+        cell_prob, boundary_prob, cell_threshold, seed_threshold, min_seed_size,
+        neck_depth_for(dark_field, neck_depth, dark_field_neck_depth),
+        foreground_prob=foreground_prob if grow else None, foreground_threshold=foreground_threshold if grow else None,
+    )
 
 
 def grow_into_foreground(labels: np.ndarray, foreground_prob, threshold: float) -> np.ndarray:
@@ -371,17 +411,26 @@ class _ChannelPostprocessd(MapTransform):
         return d
 
 
-class _NecksByImage:
-    """The neck depth for one dictionary: ``dark_field_neck_depth`` when it is set and the normalized (C, H, W)
-    image under ``image_key`` is dark-field (:func:`common.intensity.is_dark_field`), else ``neck_depth``; and
-    whether that image is dark-field, for other settings that depend on it."""
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 of a (C, H, W) float array."""
+    exp = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return exp / exp.sum(axis=0, keepdims=True)
 
-    neck_depth: float
-    dark_field_neck_depth: float | None
+
+class _NecksByImage:
+    """Whether the image of one dictionary is dark-field, for the settings that depend on it
+    (``dark_field_neck_depth``, ``foreground_threshold``): the normalized (C, H, W) image under ``image_key``
+    (:func:`common.intensity.is_dark_field`), read only when one of them is set."""
+
+    _IMAGE_SETTINGS = ("dark_field_neck_depth", "foreground_threshold")
     image_key: str
 
-    def _dark_field(self, data: Mapping[Hashable, object], setting: str) -> bool:
-        """Whether the image of ``data`` is dark-field; ``setting`` names what needs to know, for the error."""
+    def _dark_field(self, data: Mapping[Hashable, object], settings: Mapping[str, object]) -> bool:
+        """Whether the image of ``data`` is dark-field; False without reading it when none of ``settings``'
+        image-dependent entries is set. The error names the first one that is."""
+        setting = next((name for name in self._IMAGE_SETTINGS if settings.get(name) is not None), None)
+        if setting is None:
+            return False
         if self.image_key not in data:
             raise KeyError(
                 f"{type(self).__name__} with {setting} reads the normalized image under "
@@ -389,11 +438,6 @@ class _NecksByImage:
                 f"{setting} to None"
             )
         return is_dark_field(data[self.image_key])
-
-    def _neck_depth(self, data: Mapping[Hashable, object]) -> float:
-        if self.dark_field_neck_depth is None:
-            return self.neck_depth
-        return neck_depth_for(self._dark_field(data, "dark_field_neck_depth"), self.neck_depth, self.dark_field_neck_depth)
 
 
 class MT2Watershedd(_NecksByImage, _ChannelPostprocessd):
@@ -432,33 +476,23 @@ class MT2Watershedd(_NecksByImage, _ChannelPostprocessd):
         super().__init__(keys, output_key, allow_missing_keys)
         self.channels = (cell_channel, boundary_channel)
         self.sigmoid = sigmoid
-        self.params = dict(cell_threshold=cell_threshold, seed_threshold=seed_threshold, min_seed_size=min_seed_size)
-        self.neck_depth = neck_depth
-        self.dark_field_neck_depth = dark_field_neck_depth
-        self.foreground_threshold = foreground_threshold
-        self.class_channels = tuple(class_channels)
+        self.class_channels = list(class_channels)
+        self.params = dict(
+            cell_threshold=cell_threshold, seed_threshold=seed_threshold, min_seed_size=min_seed_size,
+            neck_depth=neck_depth, dark_field_neck_depth=dark_field_neck_depth, foreground_threshold=foreground_threshold,
+        )
         self.image_key = image_key
-
-    def _foreground(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray | None:
-        """``1 - background`` when this image's instances grow into it, else None."""
-        if self.foreground_threshold is None or self._dark_field(data, "foreground_threshold"):
-            return None
-        background = prediction[self.class_channels[0]]
-        if self.sigmoid:  # logits: the background probability is a softmax over the classes
-            classes = prediction[list(self.class_channels)]
-            classes = np.exp(classes - classes.max(axis=0, keepdims=True))
-            background = classes[0] / classes.sum(axis=0)
-        return 1.0 - background
 
     def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
         cell, boundary = (prediction[c] for c in self.channels)
         if self.sigmoid:
             cell, boundary = 1.0 / (1.0 + np.exp(-cell)), 1.0 / (1.0 + np.exp(-boundary))
-        foreground = self._foreground(prediction, data)
-        return mt2_watershed(
-            cell, boundary, **self.params, neck_depth=self._neck_depth(data), foreground_prob=foreground,
-            foreground_threshold=None if foreground is None else self.foreground_threshold,
-        )
+        dark_field = self._dark_field(data, self.params)
+        foreground = None
+        if self.params["foreground_threshold"] is not None and not dark_field:
+            classes = prediction[self.class_channels]
+            foreground = 1.0 - (_softmax(classes) if self.sigmoid else classes)[0]
+        return mt2_instances(cell, boundary, dark_field, foreground, **self.params)
 
 
 class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
@@ -503,13 +537,8 @@ class InteriorComponentsd(_NecksByImage, _ChannelPostprocessd):
     def instances(self, prediction: np.ndarray, data: Mapping[Hashable, object]) -> np.ndarray:
         classes = prediction[self.class_channels]
         if self.softmax:
-            classes = np.exp(classes - classes.max(axis=0, keepdims=True))
-            classes /= classes.sum(axis=0, keepdims=True)
-        # the image is read only when a setting depends on it; the error names the first such setting
-        image_settings = ("dark_field_neck_depth", "foreground_threshold")
-        reader = next((name for name in image_settings if self.params[name] is not None), None)
-        dark_field = reader is not None and self._dark_field(data, reader)
-        return crossct_instances(classes, dark_field, **self.params)
+            classes = _softmax(classes)
+        return crossct_instances(classes, self._dark_field(data, self.params), **self.params)
 
 
 class DistanceWatershedd(_ChannelPostprocessd):

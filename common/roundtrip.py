@@ -12,34 +12,19 @@ import numpy as np
 from common.evaluation import ImageScore
 from common.io import read_label
 from common.metrics import challenge_counts
-from common.postprocess import crossct_instances, distance_watershed, mt2_watershed, neck_depth_for
+from common.postprocess import crossct_instances, distance_watershed, mt2_instances
 from common.targets import cell_distance_map, mt2_heatmaps, neighbor_distance_map, three_class_map
 
 __all__ = ["ROUND_TRIPS", "mt2_roundtrip", "crossct_roundtrip", "crossct_distance_roundtrip", "roundtrip_scores"]
 
 
-def mt2_roundtrip(
-    label: np.ndarray,
-    neck_depth: float = 0.0,
-    dark_field_neck_depth: float | None = None,
-    dark_field: bool = False,
-    foreground_threshold: float | None = None,
-    **watershed_settings,
-) -> np.ndarray:
-    """MT² cell and boundary heat-maps -> MT² watershed (``watershed_settings`` passed to
-    :func:`common.postprocess.mt2_watershed`), its seeds split at ``dark_field_neck_depth`` when ``dark_field``
-    (the label's image is dark-field) and that is set, else at ``neck_depth``, and on an image that is not
-    dark-field its instances grown into the 3-class map's foreground (one-hot) when ``foreground_threshold`` is
-    set, as ``MT2Watershedd`` does; (H, W) int32 instances."""
+def mt2_roundtrip(label: np.ndarray, dark_field: bool = False, **settings) -> np.ndarray:
+    """MT² cell and boundary heat-maps, and the 3-class map's foreground (one-hot) -> MT²'s shipped post-processing
+    (:func:`common.postprocess.mt2_instances`, ``settings`` with its inference config's names), as
+    ``MT2Watershedd`` applies it to an image that is dark-field or not (``dark_field``); (H, W) int32 instances."""
     cell, boundary = mt2_heatmaps(label)
-    depth = neck_depth_for(dark_field, neck_depth, dark_field_neck_depth)
-    if foreground_threshold is None or dark_field:
-        return mt2_watershed(cell, boundary, neck_depth=depth, **watershed_settings)
     foreground = (three_class_map(label) > 0).astype(np.float32)
-    return mt2_watershed(
-        cell, boundary, neck_depth=depth, foreground_prob=foreground, foreground_threshold=foreground_threshold,
-        **watershed_settings,
-    )
+    return mt2_instances(cell, boundary, dark_field, foreground, **settings)
 
 
 def crossct_roundtrip(

@@ -50,7 +50,7 @@ from common.evaluation import group_by_modality, read_modalities
 from common.intensity import is_dark_field
 from common.io import label_path_for, list_images, read_image, read_label
 from common.metrics import challenge_counts, f1_from_counts
-from common.postprocess import crossct_instances, mt2_watershed, neck_depth_for
+from common.postprocess import crossct_instances, mt2_instances
 from common.workflows import command_line_json, inference_config, loaded_network
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -72,11 +72,7 @@ TUNINGS = {
     "mt2": _Tuning(
         BUNDLES / "mt2_cell_segmentation",
         lambda output: output[0, [0, 3, 4]].float().cpu().numpy(),  # background, cell, boundary probabilities
-        lambda maps, dark_field, neck_depth, dark_field_neck_depth, foreground_threshold, **setting: mt2_watershed(
-            maps[1], maps[2], neck_depth=neck_depth_for(dark_field, neck_depth, dark_field_neck_depth),
-            foreground_prob=1.0 - maps[0], foreground_threshold=None if dark_field else foreground_threshold,
-            **setting,
-        ),
+        lambda maps, dark_field, **setting: mt2_instances(maps[1], maps[2], dark_field, 1.0 - maps[0], **setting),
         # a seed threshold below the mask threshold makes seeds outside the mask
         lambda setting: setting["seed_threshold"] >= setting["cell_threshold"],
     ),
