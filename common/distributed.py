@@ -5,7 +5,8 @@ process (rank 0 of 1), so the same code serves one process and many.
 The bundles' ``multi_gpu_*.yaml`` configs call these. Training shares out its labeled draws with
 :class:`common.sampling.DistributedBalancedModalitySampler` and the rest with MONAI's padded ``DistributedSampler``;
 inference shards with :class:`ShardSampler`, which never repeats an item (an image segmented twice would be written
-twice) and accepts fewer items than processes. :func:`torchrun_launcher` starts such a job from a tool.
+twice) and accepts fewer items than processes; validation in training shards with :func:`validation_sampler`, so
+that each image counts once in the mean F1. :func:`torchrun_launcher` starts such a job from a tool.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "rank_and_world_size",
     "gather_lists",
     "ShardSampler",
+    "validation_sampler",
     "free_port",
     "torchrun_launcher",
 ]
@@ -98,6 +100,28 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.length, self.world_size))
+
+
+def validation_sampler(dataset, rank: int | None = None, world_size: int | None = None) -> Sampler[int]:
+    """This process's share of a validation set whose per-image scores are summed over the processes.
+
+    With at least one image per process: :class:`ShardSampler`, every image once, so the mean over the processes'
+    sums is the mean over the images (MONAI's padded ``DistributedSampler`` repeats the first images to even the
+    shares: with 7 images on 2 processes the first counted twice). With fewer images than processes the shares are
+    padded that way, since an evaluator cannot run on an empty share, and the repeated images count twice.
+
+    Args:
+        dataset: the validation dataset (anything with a length).
+        rank, world_size: default: this process's, from the process group ((0, 1) without one).
+    """
+    default_rank, default_world_size = rank_and_world_size()
+    rank = default_rank if rank is None else rank
+    world_size = default_world_size if world_size is None else world_size
+    if len(dataset) >= world_size:
+        return ShardSampler(dataset, rank, world_size)
+    from monai.data import DistributedSampler
+
+    return DistributedSampler(dataset, even_divisible=True, num_replicas=world_size, rank=rank, shuffle=False)
 
 
 def free_port() -> int:

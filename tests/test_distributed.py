@@ -25,6 +25,8 @@ from common.sampling import DistributedBalancedModalitySampler
 
 TRAIN_IMAGES = ["dsb_0121d6759c5a.png", "phase_set02.tif", "stardist_img2d.tif", "dsb_9774c8239632.png"]
 VALIDATION_IMAGES = ["dsb_ff3e512b5fb8.png"]
+# three: the ranks validate 2 and 1 images, none twice
+MT2_VALIDATION_IMAGES = ["dsb_ff3e512b5fb8.png", "dsb_52a6b8ae4c8e.png", "dsb_9774c8239632.png"]
 # per rank: 2 labeled images (DistributedSampler), batch 1 -> 2 iterations an epoch
 TINY = {"patch_size": [64, 64], "batch_size": 1, "unlabeled_batch_size": 1, "val_interval": 1, "num_workers": 0}
 
@@ -87,9 +89,11 @@ def assert_only_rank_zero_wrote(run_dir: Path, audits: list[dict]) -> None:
 def test_mean_teacher_on_two_ranks_keeps_student_and_ema_teacher_identical(dev_dir, unlabeled_dir, tmp_path):
     bundle = runs.REPO / "bundles" / "mt2_cell_segmentation"
     _, networks = runs.tiny_checkpoint("mt2", tmp_path)
-    dataset_dir = runs.write_datalist(dev_dir, unlabeled_dir, tmp_path / "data", TRAIN_IMAGES, VALIDATION_IMAGES)
+    dataset_dir = runs.write_datalist(dev_dir, unlabeled_dir, tmp_path / "data", TRAIN_IMAGES, MT2_VALIDATION_IMAGES)
     run_dir = tmp_path / "run"
     probed = {
+        "validated": "torch.tensor(list(@validate#sampler))",  # this rank's share of the validation images
+        "val_f1": "torch.tensor(@validate#evaluator.state.metrics['val_f1'])",
         "student": "@network.module.state_dict()",
         "teacher": "@teacher.state_dict()",
         "consistency": "@train#trainer.state.output[0]['loss_consistency']",
@@ -116,6 +120,9 @@ def test_mean_teacher_on_two_ranks_keeps_student_and_ema_teacher_identical(dev_d
     assert [int(i) for pair in zip(weights[0]["drawn"], weights[1]["drawn"]) for i in pair] == list(one_process)
     # rank 0 alone times the epochs, counting both ranks' patches: 2 steps, the first left out, batch 1 on each rank
     assert [int(record["patches"]) for record in weights] == [2, -1]
+    # each validation image validated by one rank only, so the F1 both ranks agree on counts each image once
+    assert [record["validated"].tolist() for record in weights] == [[0, 2], [1]]
+    assert float(weights[0]["val_f1"]) == float(weights[1]["val_f1"])
     assert_only_rank_zero_wrote(run_dir, audits)
 
 

@@ -104,3 +104,13 @@ def test_shard_sampler_gives_every_item_to_exactly_one_rank():
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert list(ShardSampler(range(5), 1, 2)) == [1, 3]
     assert list(ShardSampler(range(7))) == list(range(7))  # no process group: one process takes all
+
+
+def test_validation_sampler_counts_each_image_once_and_pads_only_when_a_rank_would_be_empty():
+    from common.distributed import validation_sampler
+
+    shares = [list(validation_sampler(range(7), rank, 2)) for rank in range(2)]
+    assert shares == [[0, 2, 4, 6], [1, 3, 5]]  # MONAI's padded sampler gives rank 1 [1, 3, 5, 0]: image 0 twice
+    padded = [list(validation_sampler(range(1), rank, 2)) for rank in range(2)]
+    assert padded == [[0], [0]]  # one image, two ranks: both validate it rather than one running an empty loader
+    assert list(validation_sampler(range(3))) == [0, 1, 2]  # no process group
