@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from monai.data import DistributedSampler
 from torch.utils.data import Sampler
 
 __all__ = [
@@ -114,14 +115,10 @@ def validation_sampler(dataset, rank: int | None = None, world_size: int | None 
         dataset: the validation dataset (anything with a length).
         rank, world_size: default: this process's, from the process group ((0, 1) without one).
     """
-    default_rank, default_world_size = rank_and_world_size()
-    rank = default_rank if rank is None else rank
-    world_size = default_world_size if world_size is None else world_size
-    if len(dataset) >= world_size:
-        return ShardSampler(dataset, rank, world_size)
-    from monai.data import DistributedSampler
-
-    return DistributedSampler(dataset, even_divisible=True, num_replicas=world_size, rank=rank, shuffle=False)
+    shard = ShardSampler(dataset, rank, world_size)
+    if len(dataset) >= shard.world_size:
+        return shard
+    return DistributedSampler(dataset, even_divisible=True, num_replicas=shard.world_size, rank=shard.rank, shuffle=False)
 
 
 def free_port() -> int:
